@@ -1,0 +1,57 @@
+"""Public API functions that compose the stages: loading model folders and zero-shot embedding."""
+
+from __future__ import annotations
+
+import os
+
+import anndata as ad
+import numpy as np
+
+from atlasformer.finetune.common import iter_model_outputs
+from atlasformer.model_zoo.hub import resolve_model_path
+from atlasformer.pretrain.export import load_model_folder
+
+
+def from_pretrained(model: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None,
+                    verify: bool = True):
+    """Load ``(model, tokenizer)`` from a model folder or a hub id ("org/name").
+
+    Parameters
+    ----------
+    model
+        Local folder or Hugging Face hub id (resolved through huggingface_hub's cache; honours
+        ``HF_HUB_OFFLINE``).
+    revision
+        Hub branch, tag or commit.
+    subfolder
+        Folder inside the repository holding the model.
+    verify
+        Check every file against the SHA-256 in ``atlasformer.json``.
+    """
+    return load_model_folder(resolve_model_path(model, revision=revision, subfolder=subfolder), verify=verify)
+
+
+def cell_embeddings(adata: ad.AnnData, model, *, layer: str | None = None, gene_key: str | None = None,
+                    chunk_size: int = 2048, batch_size: int = 64) -> np.ndarray:
+    """(cells, d_model) zero-shot embeddings; ``model`` is a folder, hub id or ``(model, tokenizer)`` pair.
+
+    Cells without any vocabulary gene get zeros. Reads counts chunk by chunk, so backed AnnData works.
+    """
+    net, tokenizer = from_pretrained(model) if isinstance(model, (str, os.PathLike)) else model
+    out = np.zeros((adata.n_obs, net.config.d_model), dtype=np.float32)
+    for rows, emb in iter_model_outputs(net, adata, tokenizer, layer=layer, gene_key=gene_key,
+                                        chunk_size=chunk_size, batch_size=batch_size):
+        out[rows] = emb
+    return out
+
+
+def embed(adata: ad.AnnData, model, *, layer: str | None = None, gene_key: str | None = None,
+          key_added: str = "X_atlasformer", chunk_size: int = 2048, batch_size: int = 64, copy: bool = False):
+    """Zero-shot cell embeddings from any checkpoint into ``obsm[key_added]`` (see :func:`cell_embeddings`).
+
+    Returns an annotated copy with ``copy=True``, else writes into ``adata`` and returns None.
+    """
+    emb = cell_embeddings(adata, model, layer=layer, gene_key=gene_key, chunk_size=chunk_size, batch_size=batch_size)
+    target = adata.copy() if copy else adata
+    target.obsm[key_added] = emb
+    return target if copy else None

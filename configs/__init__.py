@@ -1,0 +1,1 @@
+"""YAML configurations shipped with atlasformer (model sizes, runs, tasks, launchers)."""

@@ -1,0 +1,194 @@
+"""Cell-type annotation: a classifier head on the cell embedding, fine-tuned on labelled cells.
+
+Writes ``obs['<key_added>_label']`` (``"unknown"`` below ``unknown_threshold`` when one is set) and
+``obs['<key_added>_confidence']`` (the highest class probability); ``key_added`` defaults to
+``"atlasformer"``. Label transfer to a query with other genes works because cells are tokenized
+through the model's vocabulary: genes the query lacks are simply absent from its tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from atlasformer.model_zoo import CellTransformerForAnnotation
+from atlasformer.pretrain.export import export_model_folder, load_model_folder
+from atlasformer.tokenization import InputError
+from atlasformer.tokenization.anndata_io import check_obs_key
+
+from .common import build_task_model, iter_model_outputs, load_backbone, model_batch, run_model, split_cells, tokenize_for_model
+from .config import FinetuneConfig
+from .fit import fit
+from .metrics import classification_metrics, plot_confusion_matrix
+
+UNKNOWN = "unknown"
+
+
+class Annotator:
+    """Fine-tunes and applies a cell-type classifier (the task's user-facing model).
+
+    Parameters
+    ----------
+    model
+        Pretrained model folder or hub id; ignored with ``config.from_scratch``.
+    config
+        Fine-tuning settings.
+    labels_key
+        obs column with the cell types to learn.
+    batch_key
+        obs column with batches (needed for ``config.val_batch``).
+    layer, gene_key
+        Where counts and gene identifiers are.
+    """
+
+    def __init__(self, model=None, config: FinetuneConfig | None = None, *, labels_key: str = "cell_type",
+                 batch_key: str | None = None, layer: str | None = None, gene_key: str | None = None):
+        self.model_source = model
+        self.config = config or FinetuneConfig()
+        self.labels_key, self.batch_key, self.layer, self.gene_key = labels_key, batch_key, layer, gene_key
+        self.model: CellTransformerForAnnotation | None = None
+        self.tokenizer = None
+        self.validation: dict = {}
+
+    # ------------------------------------------------------------------ training
+    def fit(self, adata: ad.AnnData, source: str = "data") -> dict:
+        """Fine-tune on the labelled cells of ``adata``; returns validation metrics."""
+        check_obs_key(adata.obs, self.labels_key, source=source)
+        cfg = self.config
+        backbone, self.tokenizer, config = load_backbone(self.model_source, cfg, [adata], gene_key=self.gene_key)
+        data = tokenize_for_model(adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key, source=source)
+        labels = data.obs[self.labels_key]
+        labelled = labels.notna().to_numpy() & (labels.astype(str) != "nan").to_numpy()
+        classes = sorted(labels[labelled].astype(str).unique())
+        if len(classes) < 2:
+            raise InputError(f"{source}: obs[{self.labels_key!r}] has {len(classes)} distinct label(s); annotation needs at least 2.")
+        y = np.full(len(labels), -1, dtype=np.int64)
+        y[labelled] = pd.Categorical(labels[labelled].astype(str), categories=classes).codes
+        train, val = split_cells(data.obs, cfg, self.batch_key, usable=labelled)
+        if len(val) == 0:
+            val = train  # no held-out cells requested: validate on training cells
+        val = val[np.isin(y[val], np.unique(y[train]))]  # score only classes the model could learn
+        weights = None
+        if cfg.class_weighting:
+            freq = np.bincount(y[train], minlength=len(classes)).astype(np.float64)
+            weights = torch.tensor(np.where(freq > 0, freq.sum() / np.maximum(freq, 1) / len(classes), 0.0), dtype=torch.float32)
+        model = build_task_model(CellTransformerForAnnotation, backbone, config,
+                                 id2label={i: c for i, c in enumerate(classes)}, task="annotation")
+        cells, tokenizer = data.cells, self.tokenizer
+
+        def make_batch(rows):
+            sel = train[rows]
+            batch = model_batch(cells, sel, tokenizer)
+            batch["labels"] = torch.from_numpy(y[sel])
+            if weights is not None:
+                batch["class_weights"] = weights
+            return batch
+
+        def validate(m):
+            probs = run_model(m, cells, tokenizer, rows=val, outputs=lambda out: out.logits.softmax(-1))
+            pred = np.asarray(classes)[probs.argmax(1)]
+            metrics = classification_metrics(np.asarray(classes)[y[val]], pred)
+            metrics.update(n_train=int(len(train)), n_val=int(len(val)))
+            return metrics["macro_f1"], metrics
+
+        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="annotation")
+        true = np.asarray(classes)[y[val]]
+        pred = np.asarray(classes)[run_model(self.model, cells, tokenizer, rows=val, outputs=lambda out: out.logits).argmax(1)]
+        self._val_pairs = (true, pred)
+        return self.validation
+
+    # ------------------------------------------------------------------ inference
+    def _require_model(self):
+        if self.model is None:
+            raise InputError("this Annotator has no model yet: call fit(adata) or Annotator.load(folder).")
+
+    def predict(self, adata: ad.AnnData, source: str = "data") -> pd.DataFrame:
+        """Per cell: ``label`` (``"unknown"`` below the threshold) and ``confidence``; index = obs_names."""
+        self._require_model()
+        id2label = self.model.config.id2label
+        classes = np.asarray([id2label[i] for i in range(len(id2label))], dtype=object)
+        label = np.full(adata.n_obs, UNKNOWN, dtype=object)
+        confidence = np.zeros(adata.n_obs, dtype=np.float32)
+        for rows, probs in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+                                              source=source, chunk_size=self.config.chunk_size,
+                                              outputs=lambda out: out.logits.float().softmax(-1)):
+            label[rows] = classes[probs.argmax(1)]
+            confidence[rows] = probs.max(1)
+        if self.config.unknown_threshold is not None:
+            label[confidence < self.config.unknown_threshold] = UNKNOWN
+        return pd.DataFrame({"label": label, "confidence": confidence}, index=adata.obs_names)
+
+    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+        """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""
+        self._require_model()
+        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
+        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+                                            source=source, chunk_size=self.config.chunk_size):
+            out[rows] = emb
+        return out
+
+    def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = "atlasformer", source: str = "data") -> None:
+        """Write predictions for ``adata`` into ``target.obs`` (FORMATS.md keys)."""
+        pred = self.predict(adata, source=source)
+        target.obs[f"{key_added}_label"] = pd.Categorical(pred["label"].to_numpy())
+        target.obs[f"{key_added}_confidence"] = pred["confidence"].to_numpy()
+
+    def plots(self, output: Path) -> list[Path]:
+        if not hasattr(self, "_val_pairs"):
+            return []
+        true, pred = self._val_pairs
+        return [plot_confusion_matrix(true, pred, output / "confusion_matrix.png", "validation cells")]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
+        """Export the fine-tuned model folder (model, tokenizer, manifest, card with validation metrics)."""
+        self._require_model()
+        summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
+        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
+
+    @classmethod
+    def load(cls, folder, config: FinetuneConfig | None = None, **keys) -> Annotator:
+        """Load a fine-tuned annotation folder (see :meth:`save`)."""
+        model, tokenizer = load_model_folder(folder)
+        if not isinstance(model, CellTransformerForAnnotation):
+            raise InputError(f"{folder}: not an annotation model (it is {type(model).__name__}).")
+        annotator = cls(folder, config, **keys)
+        annotator.model, annotator.tokenizer = model, tokenizer
+        return annotator
+
+
+def annotate(adata: ad.AnnData, model, *, key_added: str = "atlasformer", unknown_threshold: float | None = None,
+             layer: str | None = None, gene_key: str | None = None, copy: bool = False) -> ad.AnnData | None:
+    """Predict cell types with a fine-tuned annotation model.
+
+    Parameters
+    ----------
+    adata
+        Raw counts (``X`` or ``layers[layer]``).
+    model
+        A fine-tuned annotation folder, hub id, or :class:`Annotator`.
+    key_added
+        Writes ``obs[f"{key_added}_label"]`` and ``obs[f"{key_added}_confidence"]``.
+    unknown_threshold
+        Label cells below this confidence ``"unknown"``.
+    copy
+        Return an annotated copy instead of writing into ``adata``.
+    """
+    from dataclasses import replace
+
+    annotator = model if isinstance(model, Annotator) else Annotator.load(model, layer=layer, gene_key=gene_key)
+    if unknown_threshold is not None:
+        annotator.config = replace(annotator.config, unknown_threshold=unknown_threshold)
+    target = adata.copy() if copy else adata
+    annotator.write_outputs(adata, target, key_added=key_added)
+    return target if copy else None
+
+
+def save_metrics(metrics: dict, path: Path) -> Path:
+    path.write_text(json.dumps(metrics, indent=2, default=float))
+    return path

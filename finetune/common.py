@@ -1,0 +1,159 @@
+"""What every task shares: building a task model from a checkpoint or from scratch, tokenizing AnnData for
+it, splitting cells, chunked inference, and writing annotated copies of the input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from atlasformer.model_zoo import CellTransformer, CellTransformerConfig, CellTransformerForPretraining
+from atlasformer.model_zoo.hub import resolve_model_path
+from atlasformer.pretrain.export import load_model_folder
+from atlasformer.tokenization import (
+    CellTokenizer,
+    InputError,
+    TokenizedCells,
+    build_vocab,
+    collate,
+    column_token_ids,
+    iter_tokenized,
+    tokenize_anndata,
+)
+
+from .config import FinetuneConfig
+
+
+def load_backbone(model: str | os.PathLike | None, cfg: FinetuneConfig, adatas: list[ad.AnnData], *,
+                  gene_key: str | None = None) -> tuple[CellTransformer | None, CellTokenizer, CellTransformerConfig]:
+    """The pretrained backbone and tokenizer of ``model``, or (with ``from_scratch``) a fresh config and a
+    tokenizer over the data's genes. Returns ``(backbone or None, tokenizer, config)``."""
+    if cfg.from_scratch or model is None:
+        if not cfg.from_scratch:
+            raise InputError("no --model given: pass a model folder or hub id, or fine-tune from scratch (from_scratch=true).")
+        vocab = build_vocab(adatas, gene_key=gene_key, specials=cfg.tokenizer.special_tokens)
+        tokenizer = CellTokenizer(vocab, _with_seq_len(cfg.tokenizer, cfg.max_seq_len))
+        config = CellTransformerConfig(
+            vocab_size=len(vocab), n_bins=tokenizer.config.n_bins, pad_token_id=vocab.pad_id,
+            cls_token_id=vocab.cls_id, mask_token_id=vocab.mask_id,
+            value_encoding={"binned": "category", "continuous": "continuous", "rank": "none"}[tokenizer.config.kind],
+            max_position_embeddings=tokenizer.config.max_seq_len + 1 if tokenizer.config.kind == "rank" else 0,
+            value_head="none", **cfg.scratch_model)
+        return None, tokenizer, config
+    pretrained, tokenizer = load_model_folder(resolve_model_path(model))
+    tokenizer = CellTokenizer(tokenizer.vocab, _with_seq_len(tokenizer.config, cfg.max_seq_len), tokenizer.gene_medians)
+    backbone = pretrained.backbone if hasattr(pretrained, "backbone") else pretrained
+    return backbone, tokenizer, CellTransformerConfig(**backbone.config.to_dict())
+
+
+def _with_seq_len(tok_cfg, max_seq_len):
+    return tok_cfg if max_seq_len is None else dataclasses.replace(tok_cfg, max_seq_len=max_seq_len)
+
+
+def build_task_model(model_cls, backbone: CellTransformer | None, config: CellTransformerConfig, **head_config):
+    """Instantiate ``model_cls`` with ``head_config`` added to the backbone config, copying pretrained weights."""
+    base = {k: v for k, v in config.to_dict().items() if k not in ("architectures", "id2label", "label2id", "task")}
+    task_config = CellTransformerConfig(**{**base, **head_config})
+    model = model_cls(task_config)
+    if backbone is not None:
+        state = backbone.state_dict()
+        if task_config.n_conditions != backbone.config.n_conditions:  # the task brings its own condition tokens
+            state = {k: v for k, v in state.items() if not k.startswith("embeddings.conditions.")}
+        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("embeddings.conditions.") for k in missing):
+            raise InputError(f"pretrained weights do not fit the task model (missing {missing[:5]}, unexpected {unexpected[:5]}).")
+    return model
+
+
+def tokenize_for_model(adata: ad.AnnData, tokenizer: CellTokenizer, *, layer=None, gene_key=None, source="data"):
+    """Tokenize all of ``adata``; returns TokenizedData (cells with no vocabulary gene are dropped and counted)."""
+    data = tokenize_anndata(adata, tokenizer, layer=layer, gene_key=gene_key, source=source)
+    print(data.report.summary())
+    return data
+
+
+def model_batch(cells: TokenizedCells, rows: np.ndarray, tokenizer: CellTokenizer) -> dict[str, torch.Tensor]:
+    """Padded model inputs for the cells at ``rows`` (without the bookkeeping ``rows`` tensor)."""
+    batch = collate(cells, rows, cls_id=tokenizer.vocab.cls_id, pad_id=tokenizer.vocab.pad_id)
+    batch.pop("rows")
+    return batch
+
+
+def split_cells(obs: pd.DataFrame, cfg: FinetuneConfig, batch_key: str | None, usable: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation positions: the cells of ``cfg.val_batch``, or a seeded random fraction."""
+    positions = np.arange(len(obs)) if usable is None else np.flatnonzero(usable)
+    if cfg.val_batch is not None:
+        if batch_key is None or batch_key not in obs:
+            raise InputError(f"val_batch={cfg.val_batch!r} needs --batch-key naming an obs column.")
+        in_val = obs[batch_key].astype(str).to_numpy()[positions] == str(cfg.val_batch)
+        if not in_val.any():
+            raise InputError(f"val_batch={cfg.val_batch!r} matches no cell in obs[{batch_key!r}]; "
+                             f"values: {sorted(obs[batch_key].astype(str).unique())[:10]}.")
+        return positions[~in_val], positions[in_val]
+    perm = np.random.default_rng([cfg.seed, 11]).permutation(positions)
+    n_val = max(1, int(round(len(perm) * cfg.val_fraction))) if cfg.val_fraction > 0 else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@torch.no_grad()
+def run_model(model, cells: TokenizedCells, tokenizer: CellTokenizer, rows: np.ndarray | None = None,
+              batch_size: int = 64, outputs: Callable = lambda out: out.cell_embedding, device=None, **extra) -> np.ndarray:
+    """Apply ``model`` to cells in batches and stack ``outputs(model_output)`` as a numpy array.
+
+    ``extra`` maps a name to a per-cell numpy array passed to the model as a tensor (e.g. conditions).
+    """
+    model.eval()
+    device = device or next(model.parameters()).device
+    rows = np.arange(len(cells)) if rows is None else rows
+    results = []
+    for start in range(0, len(rows), batch_size):
+        sel = rows[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in model_batch(cells, sel, tokenizer).items()}
+        batch.update({k: torch.as_tensor(v[sel]).to(device) for k, v in extra.items()})
+        results.append(outputs(model(**batch)).float().cpu().numpy())
+    return np.concatenate(results) if results else np.zeros((0,))
+
+
+def iter_model_outputs(model, adata: ad.AnnData, tokenizer: CellTokenizer, *, layer=None, gene_key=None, source="data",
+                       chunk_size: int = 2048, batch_size: int = 64, outputs: Callable = lambda out: out.cell_embedding,
+                       extra: dict[str, np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream ``adata`` chunk by chunk: yield ``(cell rows, outputs)`` so memory does not grow with the file.
+
+    ``extra`` maps a model input name to a per-cell array over all of ``adata``'s rows (e.g. conditions).
+    """
+    ids = column_token_ids(adata, tokenizer, layer=layer, gene_key=gene_key, source=source)
+    for _, cells in iter_tokenized(adata, tokenizer, ids, layer=layer, chunk_size=chunk_size, source=source):
+        if len(cells):
+            per_cell = {k: np.asarray(v)[cells.cell_index] for k, v in (extra or {}).items()}
+            yield cells.cell_index, run_model(model, cells, tokenizer, batch_size=batch_size, outputs=outputs, **per_cell)
+
+
+def output_adata(adata: ad.AnnData, with_x: bool = False) -> ad.AnnData:
+    """A new AnnData with the input's obs and var (and X only when asked), for annotated outputs."""
+    x = None
+    if with_x:
+        x = adata.X.to_memory() if hasattr(adata.X, "to_memory") else adata.X
+        x = x[:] if x is not None else None
+    return ad.AnnData(X=x, obs=adata.obs.copy(), var=adata.var.copy()) if with_x else ad.AnnData(
+        obs=adata.obs.copy(), var=adata.var.copy())
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

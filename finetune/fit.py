@@ -1,0 +1,134 @@
+"""The one fit loop every fine-tuning task uses: tasks differ by head, targets and metrics, not loops.
+
+A task hands over its model and two callables: ``make_batch(rows) -> model kwargs`` (targets
+included) over the training cells, and ``validate(model) -> (score, metrics)`` where a higher score is
+better. The loop trains under the pretraining engine (so accelerate launches give multi-GPU
+fine-tuning), validates at intervals, stops early after ``patience`` evaluations without improvement
+and restores the best weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from atlasformer.pretrain.engine import Engine
+from atlasformer.tokenization import BatchOrder
+
+from .config import FinetuneConfig
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+HEAD_PREFIXES = ("classifier", "head", "decoder", "discriminator", "batch_discriminator")
+
+
+def apply_mode(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+    """Full, frozen-backbone or LoRA training: sets ``requires_grad`` (and wraps with peft for LoRA)."""
+    if cfg.mode == "full":
+        return model
+    # a task may add backbone weights that pretraining never trained (integration's batch tokens): train those
+    new = tuple(getattr(model, "new_backbone_parameters", ()))
+    for name, param in model.named_parameters():
+        param.requires_grad = not name.startswith("backbone.") or name.startswith(new)
+    if cfg.mode == "frozen":
+        return model
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=["in_proj", "out_proj"], bias="none")
+    model.backbone = inject_adapter_in_model(lora, model.backbone)
+    return model
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold LoRA adapters into the base weights, so the saved folder is a plain model."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in list(model.modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+    state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    clean = {k.replace(".base_layer.", "."): v for k, v in state.items()}
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(clean)
+    return fresh
+
+
+def trainable_parameter_groups(model: torch.nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    backbone, head = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (backbone if name.startswith("backbone.") else head).append(param)
+    groups = [{"params": head, "lr": cfg.head_lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr})
+    return groups
+
+
+def fit(
+    model: torch.nn.Module,
+    n_train: int,
+    make_batch: Callable[[np.ndarray], dict[str, torch.Tensor]],
+    validate: Callable[[torch.nn.Module], tuple[float, dict]],
+    cfg: FinetuneConfig,
+    *,
+    description: str = "finetune",
+    log: Callable[[str], None] = tqdm.write,
+) -> tuple[torch.nn.Module, dict]:
+    """Train ``model`` on ``n_train`` cells; returns the best model (by validation score) and its metrics."""
+    engine = Engine(precision=cfg.precision, cpu=cfg.cpu, seed=cfg.seed)
+    model = apply_mode(model, cfg)
+    order = BatchOrder(n_train, min(cfg.batch_size, n_train), seed=cfg.seed, rank=engine.rank,
+                       world_size=engine.world_size, drop_last=n_train >= cfg.batch_size * engine.world_size)
+    steps_per_epoch = max(1, order.batches_per_epoch())
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = max(1, int(cfg.warmup_ratio * total))
+    optimizer = OPTIMIZERS[cfg.optimizer](trainable_parameter_groups(model, cfg), weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 1.0 if cfg.schedule == "constant" else (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    model, optimizer = engine.prepare(model, optimizer)
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    best_score, best_state, best_metrics, stale = -math.inf, None, {}, 0
+    bar = tqdm(total=total, desc=description, disable=not (engine.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    model.train()
+    for step in range(1, total + 1):
+        batch = {k: v.to(engine.device) for k, v in make_batch(order.next()).items()}
+        with engine.autocast():
+            out = model(**batch)
+        engine.backward(out.loss)
+        engine.clip_grad_norm(model, cfg.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{out.loss.item():.4f}")
+        if step % eval_every == 0 or step == total:
+            model.eval()
+            with torch.no_grad():
+                score, metrics = validate(engine.unwrap(model))
+            model.train()
+            log(f"step {step}: validation score {score:.4f}")
+            if score > best_score:
+                best_score, best_metrics, stale = score, metrics, 0
+                best_state = copy.deepcopy(engine.unwrap(model).state_dict())
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    log(f"early stopping at step {step} (best validation score {best_score:.4f})")
+                    break
+    bar.close()
+    best = engine.unwrap(model)
+    if best_state is not None:
+        best.load_state_dict(best_state)
+    if cfg.mode == "lora":
+        best = merge_lora(best)
+    best.eval()
+    engine.barrier()
+    return best, best_metrics

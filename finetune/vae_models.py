@@ -1,0 +1,450 @@
+"""AnnData-facing scVI and totalVI: set up from keys, train with the shared fit loop, embed, predict, save, load.
+
+As scvi-tools' ``model/`` wraps its ``module/``, :class:`SCVIModel` and :class:`TOTALVIModel` know AnnData
+(count layer, batch key, gene and protein names) and hand tensors to the torch modules in
+``atlasformer.model_zoo.vae``. Training uses :func:`atlasformer.finetune.fit` with scvi-tools' training
+plan: Adam (lr 1e-3, weight decay 1e-6, eps 0.01), constant learning rate, batches of 128, 10% of cells
+for validation, and the KL weight warmed up linearly over 400 epochs (scVI) or over 0.75 x n_cells steps
+(totalVI, lr 4e-3, batches of 256, early stopping after 45 epochs without improvement). The KL weight is
+passed with each batch, so the loop itself needs nothing VAE-specific.
+
+Outputs written by ``write_outputs``: ``obsm['X_<key_added>']`` (posterior mean latent), and for scVI
+``layers['<key_added>_denoised']`` (expected expression, CP10k); for totalVI ``obsm['protein_predicted']``
+(expected protein counts on the CLR scale) and ``uns['protein_predicted_names']``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from safetensors.torch import load_file, save_file
+
+from atlasformer.model_zoo import CheckpointError, atomic_folder, read_manifest, write_manifest
+from atlasformer.model_zoo.vae import SCVIConfig, SCVIModule, TOTALVIConfig, TOTALVIModule
+from atlasformer.tokenization import BatchOrder, InputError, check_counts
+from atlasformer.tokenization.anndata_io import check_obs_key, count_matrix, to_csr
+
+from .config import FinetuneConfig
+from .fit import fit
+
+
+def max_epochs_heuristic(n_cells: int, cap: int = 400) -> int:
+    """scvi-tools' default epochs: ``min(round(20000 / n_cells * 400), 400)``."""
+    return max(1, min(round(20_000 / max(n_cells, 1) * cap), cap))
+
+
+def vae_training_config(n_cells: int, *, epochs: int | None = None, seed: int = 0, lr: float = 1e-3,
+                        batch_size: int = 128, patience: int | None = None) -> FinetuneConfig:
+    """scvi-tools' training plan as a :class:`FinetuneConfig` for the shared loop (all VAE weights are "head")."""
+    epochs = epochs or max_epochs_heuristic(n_cells)
+    return FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr, head_lr=lr, weight_decay=1e-6, optimizer="adam",
+                          adam_eps=0.01, schedule="constant", clip_grad=0.0, val_fraction=0.1,
+                          patience=patience or epochs + 1, seed=seed, class_weighting=False)
+
+
+def counts_for_genes(adata: ad.AnnData, genes: list[str] | None, *, layer: str | None = None,
+                     source: str = "data") -> sp.csr_matrix:
+    """Checked float32 CSR counts with columns in the order of ``genes`` (absent genes are zero columns)."""
+    counts = to_csr(count_matrix(adata, layer))
+    check_counts(counts, source=source, layer=layer)
+    if genes is None or list(adata.var_names) == list(genes):
+        return counts
+    position = pd.Index(adata.var_names).get_indexer(genes)
+    found = position >= 0
+    if not found.any():
+        raise InputError(f"{source}: none of the model's {len(genes)} genes is in var_names; "
+                         "the data uses other gene identifiers than the training file.")
+    if not found.all():
+        warnings.warn(f"{source}: {int((~found).sum())} of the model's {len(genes)} genes are absent; they are "
+                      "treated as zero counts.", stacklevel=3)
+    select = sp.csr_matrix((np.ones(found.sum(), dtype=np.float32), (position[found], np.flatnonzero(found))),
+                           shape=(adata.n_vars, len(genes)))
+    return (counts @ select).tocsr()
+
+
+def batch_codes(obs: pd.DataFrame, batch_key: str | None, categories: list[str] | None, source: str) -> np.ndarray:
+    """Integer batch codes (cells,) for ``obs[batch_key]`` in the order of ``categories``; zeros without a key."""
+    if batch_key is None:
+        return np.zeros(len(obs), dtype=np.int64)
+    check_obs_key(obs, batch_key, source=source, what="batch_key")
+    values = obs[batch_key].astype(str).to_numpy()
+    codes = pd.Index(categories).get_indexer(values)
+    if (codes < 0).any():
+        unseen = sorted(set(values[codes < 0]))[:5]
+        raise InputError(f"{source}: obs[{batch_key!r}] has batches the model was not trained on ({unseen}); "
+                         f"known: {categories[:10]}. Train on all batches (scVI conditions its decoder on them).")
+    return codes.astype(np.int64)
+
+
+def clr(counts: np.ndarray) -> np.ndarray:
+    """Per-cell centred log ratio on log1p counts: ``log1p(x) - mean over features of log1p(x)``."""
+    logged = np.log1p(np.asarray(counts, dtype=np.float64))
+    return logged - logged.mean(axis=1, keepdims=True)
+
+
+class _VAEModel:
+    """What scVI and totalVI wrappers share: keys, the training call, chunked inference, save and load."""
+
+    module_classes: dict = {}
+    default_key = "vae"
+
+    def __init__(self, *, batch_key: str | None = None, layer: str | None = None, epochs: int | None = None,
+                 seed: int = 0, config: FinetuneConfig | None = None, **module_kwargs):
+        self.batch_key, self.layer, self.epochs, self.seed = batch_key, layer, epochs, seed
+        self.config = config
+        self.module_kwargs = module_kwargs
+        self.module = None
+        self.genes: list[str] | None = None
+        self.batches: list[str] = ["all"]
+        self.validation: dict = {}
+        self.history: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+    def _setup_batches(self, adata: ad.AnnData, source: str) -> np.ndarray:
+        if self.batch_key is not None:
+            check_obs_key(adata.obs, self.batch_key, source=source, what="batch_key")
+            self.batches = sorted(adata.obs[self.batch_key].astype(str).unique())
+        return batch_codes(adata.obs, self.batch_key, self.batches, source)
+
+    def _require_module(self):
+        if self.module is None:
+            raise InputError(f"this {type(self).__name__} has no trained model yet: call fit(adata) or load(folder).")
+
+    # ------------------------------------------------------------------ training
+    def _train(self, n_cells: int, make_inputs: Callable[[np.ndarray, float], dict], kl_weight_at: Callable[[int, int], float],
+               lr: float, batch_size: int, patience: int | None, description: str) -> dict:
+        """Train ``self.module`` with the shared loop; ``make_inputs(rows, kl_weight)`` builds one batch's kwargs."""
+        cfg = self.config or vae_training_config(n_cells, epochs=self.epochs, seed=self.seed, lr=lr,
+                                                 batch_size=batch_size, patience=patience)
+        positions = np.random.default_rng([cfg.seed, 11]).permutation(n_cells)
+        n_val = max(1, int(round(n_cells * cfg.val_fraction))) if cfg.val_fraction > 0 and n_cells > 10 else 0
+        train, val = np.sort(positions[n_val:]), np.sort(positions[:n_val])
+        steps_per_epoch = max(1, BatchOrder(len(train), min(cfg.batch_size, len(train)), seed=cfg.seed,
+                                            drop_last=len(train) >= cfg.batch_size).batches_per_epoch())
+        step = {"n": 0}
+        self.history = []
+
+        def make_batch(rows):
+            kl_weight = kl_weight_at(step["n"], steps_per_epoch)
+            step["n"] += 1
+            return make_inputs(train[rows], kl_weight)
+
+        def validate(module):
+            elbo = self._mean_elbo(module, val if len(val) else train, make_inputs)
+            self.history.append(elbo)
+            return -elbo, {"elbo_validation": elbo, "n_train": int(len(train)), "n_val": int(len(val)),
+                           "epochs": cfg.epochs, "steps": step["n"]}
+
+        self.module, self.validation = fit(self.module, len(train), make_batch, validate, cfg,
+                                           description=description, log=lambda message: None)
+        return self.validation
+
+    @staticmethod
+    @torch.no_grad()
+    def _mean_elbo(module, rows: np.ndarray, make_inputs, batch_size: int = 1024) -> float:
+        """Mean negative ELBO (KL weight 1) per cell over ``rows``, in eval mode."""
+        total = 0.0
+        for start in range(0, len(rows), batch_size):
+            inputs = make_inputs(rows[start : start + batch_size], 1.0)
+            total += float(module(**inputs).extras["elbo"].sum())
+        return total / max(len(rows), 1)
+
+    # ------------------------------------------------------------------ persistence
+    def _keys(self) -> dict:
+        return {"batch_key": self.batch_key, "layer": self.layer, "genes": self.genes, "batches": self.batches,
+                "validation": {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}}
+
+    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
+        """Write ``config.json`` (architecture + AnnData keys), ``model.safetensors`` and the manifest, atomically."""
+        self._require_module()
+        folder = Path(folder)
+        with atomic_folder(folder) as tmp:
+            config = {"architecture": type(self.module).__name__, "module": self.module.config.to_dict(),
+                      "wrapper": type(self).__name__, **self._keys()}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            write_manifest(tmp, run_config or {})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, **overrides):
+        """Load a folder written by :meth:`save` (safetensors only; checksums verified)."""
+        folder = Path(folder)
+        if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
+            raise CheckpointError(f"{folder}: not a {cls.__name__} folder (needs config.json and model.safetensors).")
+        read_manifest(folder, verify=True)
+        config = json.loads((folder / "config.json").read_text())
+        arch = config.get("architecture")
+        if arch not in cls.module_classes:
+            raise CheckpointError(f"{folder}: holds {arch!r}, not one of {sorted(cls.module_classes)}; "
+                                  f"load it with the matching class.")
+        config_cls, module_cls = cls.module_classes[arch]
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        module = module_cls(config_cls(**{k: v for k, v in config["module"].items() if k in fields}))
+        missing, unexpected = module.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        model = cls(batch_key=config["batch_key"], layer=config["layer"], **overrides)
+        model.module, model.genes, model.batches = module.eval(), config["genes"], config["batches"]
+        model.validation = config.get("validation", {})
+        model._restore(config)
+        return model
+
+    def _restore(self, config: dict) -> None:
+        """Subclasses restore extra keys saved by :meth:`_keys`."""
+
+
+class SCVIModel(_VAEModel):
+    """scVI on AnnData: a latent space with the batch regressed out, and denoised expression.
+
+    Parameters
+    ----------
+    batch_key
+        obs column with batches (the decoder is conditioned on it); None for one batch.
+    layer
+        Raw counts from this layer instead of X.
+    genes
+        Genes to model (e.g. HVGs); default all of var_names.
+    epochs
+        Training epochs (default scvi-tools' heuristic, at most 400).
+    seed
+        Seed of initialisation, validation split, batch order and sampling.
+    config
+        A full :class:`FinetuneConfig` instead of scvi-tools' training plan.
+    **module_kwargs
+        :class:`~atlasformer.model_zoo.vae.SCVIConfig` fields (``n_latent=10``, ``gene_likelihood="zinb"``, ...).
+
+    Examples
+    --------
+    >>> model = SCVIModel(batch_key="batch", gene_likelihood="nb")
+    >>> model.fit(adata)
+    >>> adata.obsm["X_scvi"] = model.embed(adata)
+    """
+
+    module_classes = {"SCVIModule": (SCVIConfig, SCVIModule)}
+    default_key = "scvi"
+
+    def __init__(self, *, genes: list[str] | None = None, n_epochs_kl_warmup: int = 400, **kwargs):
+        super().__init__(**kwargs)
+        self.genes = list(genes) if genes is not None else None
+        self.n_epochs_kl_warmup = n_epochs_kl_warmup
+
+    def _inputs(self, counts: sp.csr_matrix, codes: np.ndarray, device="cpu"):
+        def make_inputs(rows, kl_weight):
+            return {"x": torch.from_numpy(counts[rows].toarray()).to(device),
+                    "batch_index": torch.from_numpy(codes[rows, None]).to(device),
+                    "kl_weight": torch.tensor(float(kl_weight))}
+        return make_inputs
+
+    def fit(self, adata: ad.AnnData, source: str = "data") -> dict:
+        """Train on every cell of ``adata`` (10% held out for the validation ELBO); returns validation metrics."""
+        self.genes = self.genes or list(map(str, adata.var_names))
+        counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
+        codes = self._setup_batches(adata, source)
+        empty = np.asarray(counts.sum(1)).ravel() == 0
+        if empty.any():
+            raise InputError(f"{source}: {int(empty.sum())} cells have no counts in the modelled genes; "
+                             "filter them (sc.pp.filter_cells(adata, min_counts=1)) before training scVI.")
+        torch.manual_seed(self.seed)
+        self.module = SCVIModule(SCVIConfig(n_genes=len(self.genes), n_batch=len(self.batches), **self.module_kwargs))
+        warmup = self.n_epochs_kl_warmup
+        return self._train(adata.n_obs, self._inputs(counts, codes),
+                           lambda step, per_epoch: min(1.0, (step // per_epoch) / warmup) if warmup else 1.0,
+                           lr=1e-3, batch_size=128, patience=None, description="scvi")
+
+    def _apply(self, adata: ad.AnnData, fn, source: str, chunk: int = 1024) -> np.ndarray:
+        self._require_module()
+        counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
+        codes = batch_codes(adata.obs, self.batch_key, self.batches, source)
+        make_inputs = self._inputs(counts, codes)
+        self.module.eval()
+        with torch.no_grad():
+            parts = [fn(make_inputs(np.arange(s, min(s + chunk, adata.n_obs)), 1.0)) for s in range(0, adata.n_obs, chunk)]
+        return np.concatenate(parts).astype(np.float32)
+
+    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+        """(cells, n_latent) posterior means of z."""
+        return self._apply(adata, lambda inp: self.module.encode(inp["x"], inp["batch_index"]).loc.numpy(), source)
+
+    def predict(self, adata: ad.AnnData, source: str = "data", transform_batch: str | None = None) -> np.ndarray:
+        """(cells, genes) expected expression proportions (rows sum to 1), optionally as if in ``transform_batch``."""
+        batch = None if transform_batch is None else self.batches.index(str(transform_batch))
+        return self._apply(adata, lambda inp: self.module.normalized_expression(
+            inp["x"], inp["batch_index"], transform_batch=batch).numpy(), source)
+
+    def reconstruction_loss(self, adata: ad.AnnData, source: str = "data") -> float:
+        """Mean per-cell -log p(x | z), z sampled from q(z | x) (scvi-tools' ``get_reconstruction_error``)."""
+        torch.manual_seed(self.seed)
+        per_cell = self._apply(adata, lambda inp: self.module(**inp).extras["reconstruction"].numpy(), source)
+        return float(per_cell.mean())
+
+    def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = "scvi", source: str = "data") -> None:
+        """``obsm['X_<key_added>']`` latent and ``layers['<key_added>_denoised']`` (CP10k, the model's genes)."""
+        target.obsm[f"X_{key_added}"] = self.embed(adata, source)
+        if list(map(str, target.var_names)) == self.genes:
+            target.layers[f"{key_added}_denoised"] = self.predict(adata, source) * 1e4
+
+    def plots(self, output: Path) -> list[Path]:
+        return []
+
+    def _keys(self) -> dict:
+        return {**super()._keys(), "n_epochs_kl_warmup": self.n_epochs_kl_warmup}
+
+    def _restore(self, config: dict) -> None:
+        self.n_epochs_kl_warmup = config.get("n_epochs_kl_warmup", 400)
+
+
+def protein_background_prior(protein: np.ndarray, codes: np.ndarray, n_batch: int, observed: np.ndarray,
+                             seed: int = 0, n_cells: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """scvi-tools' empirical prior of the log protein background, (proteins, batches) mean and scale.
+
+    Per batch, a two-component Gaussian mixture on each of ``n_cells`` random cells' log1p protein counts;
+    the lower component's mean and standard deviation, averaged over cells.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(seed)
+    means, scales = [], []
+    for b in range(n_batch):
+        cells = protein[(codes == b) & observed]
+        if len(cells) == 0:
+            means.append(0.0)
+            scales.append(0.05)
+            continue
+        mus, sds = [], []
+        for c in cells[rng.choice(len(cells), size=n_cells)]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConvergenceWarning)
+                try:
+                    gmm = GaussianMixture(n_components=2, random_state=seed).fit(np.log1p(c.reshape(-1, 1)))
+                except (ConvergenceWarning, ValueError):
+                    mus.append(0.0)
+                    sds.append(0.05)
+                    continue
+            low = np.argsort(gmm.means_.ravel())[0]
+            mus.append(float(gmm.means_.ravel()[low]))
+            sds.append(float(np.sqrt(gmm.covariances_.ravel()[low])))
+        means.append(float(np.mean(mus)))
+        scales.append(float(np.sqrt(np.sum(np.square(sds)) / n_cells**2)))
+    n_proteins = protein.shape[1]
+    return np.tile(np.asarray(means)[None], (n_proteins, 1)), np.tile(np.asarray(scales)[None], (n_proteins, 1))
+
+
+class TOTALVIModel(_VAEModel):
+    """totalVI on paired RNA + protein AnnData: a joint latent, denoised RNA and protein, RNA -> protein.
+
+    ``fit(adata, protein, protein_observed=mask)`` trains on every cell; cells whose mask is False have no
+    protein measurement (their counts are ignored), and :meth:`predict` imputes their proteins: this is
+    how totalVI predicts protein from RNA (transductively, as in scvi-tools with a protein batch mask).
+
+    Parameters
+    ----------
+    batch_key, layer, genes, epochs, seed, config
+        As :class:`SCVIModel`; ``protein_layer`` reads protein counts from a layer of the protein AnnData.
+    **module_kwargs
+        :class:`~atlasformer.model_zoo.vae.TOTALVIConfig` fields (``n_latent=20``, ...).
+    """
+
+    module_classes = {"TOTALVIModule": (TOTALVIConfig, TOTALVIModule)}
+    default_key = "totalvi"
+
+    def __init__(self, *, genes: list[str] | None = None, protein_layer: str | None = None,
+                 empirical_background_prior: bool | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.genes = list(genes) if genes is not None else None
+        self.protein_layer = protein_layer
+        self.empirical_background_prior = empirical_background_prior
+        self.proteins: list[str] = []
+
+    def _protein_counts(self, adata: ad.AnnData, protein: ad.AnnData | None, source: str) -> np.ndarray:
+        if protein is None:
+            return np.zeros((adata.n_obs, len(self.proteins)), dtype=np.float32)
+        if protein.n_obs != adata.n_obs or not np.array_equal(protein.obs_names, adata.obs_names):
+            raise InputError(f"{source}: the protein AnnData must have the RNA file's obs_names in the same order.")
+        return counts_for_genes(protein, self.proteins or None, layer=self.protein_layer,
+                                source=f"{source} (protein)").toarray()
+
+    def _inputs(self, counts, protein, codes, observed):
+        def make_inputs(rows, kl_weight):
+            return {"x": torch.from_numpy(counts[rows].toarray()), "y": torch.from_numpy(protein[rows]),
+                    "batch_index": torch.from_numpy(codes[rows, None]),
+                    "protein_observed": torch.from_numpy(observed[rows]), "kl_weight": torch.tensor(float(kl_weight))}
+        return make_inputs
+
+    def fit(self, adata: ad.AnnData, protein: ad.AnnData, source: str = "data",
+            protein_observed: np.ndarray | None = None) -> dict:
+        """Train on RNA ``adata`` and paired ``protein`` counts; returns validation metrics."""
+        self.genes = self.genes or list(map(str, adata.var_names))
+        self.proteins = list(map(str, protein.var_names))
+        counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
+        y = self._protein_counts(adata, protein, source)
+        codes = self._setup_batches(adata, source)
+        observed = np.ones(adata.n_obs, bool) if protein_observed is None else np.asarray(protein_observed, bool)
+        y = np.where(observed[:, None], y, 0).astype(np.float32)
+        torch.manual_seed(self.seed)
+        prior = {}
+        if self.empirical_background_prior if self.empirical_background_prior is not None else len(self.proteins) > 10:
+            mean, scale = protein_background_prior(y, codes, len(self.batches), observed, seed=self.seed)
+            prior = {"background_prior_mean": mean.tolist(), "background_prior_scale": scale.tolist()}
+        self.module = TOTALVIModule(TOTALVIConfig(n_genes=len(self.genes), n_proteins=len(self.proteins),
+                                                  n_batch=len(self.batches), **prior, **self.module_kwargs))
+        warmup_steps = int(0.75 * adata.n_obs)
+        return self._train(adata.n_obs, self._inputs(counts, y, codes, observed),
+                           lambda step, per_epoch: min(1.0, step / warmup_steps) if warmup_steps else 1.0,
+                           lr=4e-3, batch_size=256, patience=45, description="totalvi")
+
+    def _predict_all(self, adata, protein, source, transform_batch=None, chunk: int = 512) -> dict[str, np.ndarray]:
+        self._require_module()
+        counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
+        y = self._protein_counts(adata, protein, source).astype(np.float32)
+        codes = batch_codes(adata.obs, self.batch_key, self.batches, source)
+        batch = None if transform_batch is None else self.batches.index(str(transform_batch))
+        make_inputs = self._inputs(counts, y, codes, np.ones(adata.n_obs, bool))
+        self.module.eval()
+        parts = {"latent": [], "gene_scale": [], "protein": []}
+        with torch.no_grad():
+            for start in range(0, adata.n_obs, chunk):
+                inp = make_inputs(np.arange(start, min(start + chunk, adata.n_obs)), 1.0)
+                parts["latent"].append(self.module.encode(inp["x"], inp["y"], inp["batch_index"]).loc.numpy())
+                out = self.module.predict(inp["x"], inp["y"], inp["batch_index"], transform_batch=batch)
+                parts["gene_scale"].append(out["gene_scale"].numpy())
+                parts["protein"].append(out["protein"].numpy())
+        return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+    def embed(self, adata: ad.AnnData, protein: ad.AnnData | None = None, source: str = "data") -> np.ndarray:
+        """(cells, n_latent) posterior means; cells without ``protein`` are encoded with zero protein counts."""
+        return self._predict_all(adata, protein, source)["latent"]
+
+    def predict(self, adata: ad.AnnData, protein: ad.AnnData | None = None, source: str = "data",
+                transform_batch: str | None = None) -> pd.DataFrame:
+        """(cells, proteins) expected protein counts (background included), as if measured in ``transform_batch``."""
+        out = self._predict_all(adata, protein, source, transform_batch)
+        return pd.DataFrame(out["protein"], index=adata.obs_names, columns=self.proteins)
+
+    def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, protein: ad.AnnData | None = None,
+                      key_added: str = "totalvi", source: str = "data") -> None:
+        """``obsm['X_<key_added>']``, ``obsm['protein_predicted']`` (CLR) and ``uns['protein_predicted_names']``."""
+        out = self._predict_all(adata, protein, source)
+        target.obsm[f"X_{key_added}"] = out["latent"]
+        target.obsm["protein_predicted"] = clr(out["protein"]).astype(np.float32)
+        target.uns["protein_predicted_names"] = np.asarray(self.proteins, dtype=object)
+
+    def plots(self, output: Path) -> list[Path]:
+        return []
+
+    def _keys(self) -> dict:
+        return {**super()._keys(), "proteins": self.proteins, "protein_layer": self.protein_layer}
+
+    def _restore(self, config: dict) -> None:
+        self.proteins, self.protein_layer = config.get("proteins", []), config.get("protein_layer")

@@ -1,0 +1,36 @@
+"""Torch modules and their Hugging Face configs: the cell transformer, task heads, model-folder I/O.
+
+Imports neither ``atlasformer.tokenization`` nor anndata.
+"""
+
+from .cell_transformer import (
+    CellModelOutput,
+    CellTransformer,
+    CellTransformerConfig,
+    CellTransformerForPretraining,
+    count_parameters,
+)
+from .hub import CheckpointError, atomic_folder, load_model, read_manifest, write_manifest
+from .task_heads import (
+    CellTransformerForAnnotation,
+    CellTransformerForImputation,
+    CellTransformerForIntegration,
+    CellTransformerForModality,
+)
+
+__all__ = [
+    "CellModelOutput",
+    "CellTransformer",
+    "CellTransformerConfig",
+    "CellTransformerForAnnotation",
+    "CellTransformerForImputation",
+    "CellTransformerForIntegration",
+    "CellTransformerForModality",
+    "CellTransformerForPretraining",
+    "CheckpointError",
+    "atomic_folder",
+    "count_parameters",
+    "load_model",
+    "read_manifest",
+    "write_manifest",
+]

@@ -1,0 +1,495 @@
+"""CellTransformer: a transformer over (gene, value) tokens of one cell, read top to bottom.
+
+embeddings -> attention -> block -> encoder -> backbone model -> pretraining heads -> pretraining model.
+
+The architecture is configurable enough to reproduce scGPT (post-norm, ReLU, gene and value embeddings
+each with their own LayerNorm, summed; continuous or categorical values) and Geneformer (BERT: post-norm,
+GELU, absolute position embeddings, LayerNorm after the sum, no values). Attention is
+``torch.nn.functional.scaled_dot_product_attention`` with a key padding mask, so the flash and
+memory-efficient kernels are used on GPU when available and no flash-attn package is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class CellTransformerConfig(PretrainedConfig):
+    """Architecture of a :class:`CellTransformer` (saved as ``config.json``).
+
+    Parameters
+    ----------
+    vocab_size
+        Number of gene tokens including specials.
+    d_model, n_layers, n_heads, d_ff
+        Width, depth, attention heads and feed-forward width (default ``4 * d_model``).
+    dropout, attention_dropout
+        Dropout in embeddings / residual branches, and on attention weights.
+    norm_first
+        Pre-norm (True) or post-norm (False, as scGPT and BERT).
+    activation
+        Feed-forward activation, ``"relu"`` (scGPT) or ``"gelu"`` (BERT).
+    value_encoding
+        ``"category"`` (bin ids embedded), ``"continuous"`` (Linear-ReLU-Linear-LayerNorm as scGPT)
+        or ``"none"`` (rank-value input carries no values).
+    n_bins
+        Value bins including bin 0; the category embedding adds one id for ``<mask>``.
+    gene_embedding_norm
+        LayerNorm on the gene embedding before the sum (scGPT's GeneEncoder).
+    embedding_norm
+        LayerNorm after summing the embeddings (BERT).
+    max_position_embeddings
+        Absolute position embeddings for rank-value input; 0 disables them.
+    n_conditions
+        Size of the condition-token table (batch, technology, ...); 0 disables condition tokens.
+    pooling
+        Cell embedding from the ``<cls>`` output or the mean over gene outputs.
+    value_head
+        Pretraining head for masked values: ``"bins"`` (classes), ``"mse"`` (scalar) or ``"none"``.
+    gene_head
+        Masked-gene prediction over the vocabulary (Geneformer's MLM).
+    gene_head_activation
+        Activation inside the masked-gene head (BERT's transform uses the model's ``hidden_act``;
+        Geneformer's is ``"relu"``).
+    embedding_dropout
+        Where embedding dropout applies: the summed embedding (``"sum"``, BERT) or only the value
+        embedding (``"values"``, as scGPT's ContinuousValueEncoder).
+    mvc_head
+        scGPT-style MVC / GEPC: predict each gene's value from the cell embedding and the gene embedding.
+    """
+
+    model_type = "atlasformer_cell_transformer"
+
+    def __init__(
+        self,
+        vocab_size: int = 64,
+        d_model: int = 32,
+        n_layers: int = 2,
+        n_heads: int = 2,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        norm_first: bool = True,
+        activation: Literal["relu", "gelu"] = "gelu",
+        layer_norm_eps: float = 1e-5,
+        value_encoding: Literal["category", "continuous", "none"] = "category",
+        n_bins: int = 51,
+        value_clamp: float = 512.0,
+        gene_embedding_norm: bool = True,
+        embedding_norm: bool = True,
+        max_position_embeddings: int = 0,
+        n_conditions: int = 0,
+        pooling: Literal["cls", "mean"] = "cls",
+        value_head: Literal["bins", "mse", "none"] = "bins",
+        gene_head: bool = False,
+        gene_head_activation: Literal["relu", "gelu"] = "gelu",
+        embedding_dropout: Literal["sum", "values"] = "sum",
+        mvc_head: bool = False,
+        pad_token_id: int = 0,
+        cls_token_id: int = 1,
+        mask_token_id: int | None = 2,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.d_ff = d_ff or 4 * d_model
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.norm_first = norm_first
+        self.activation = activation
+        self.layer_norm_eps = layer_norm_eps
+        self.value_encoding = value_encoding
+        self.n_bins = n_bins
+        self.value_clamp = value_clamp
+        self.gene_embedding_norm = gene_embedding_norm
+        self.embedding_norm = embedding_norm
+        self.max_position_embeddings = max_position_embeddings
+        self.n_conditions = n_conditions
+        self.pooling = pooling
+        self.value_head = value_head
+        self.gene_head = gene_head
+        self.gene_head_activation = gene_head_activation
+        self.embedding_dropout = embedding_dropout
+        self.mvc_head = mvc_head
+        self.cls_token_id = cls_token_id
+        self.mask_token_id = mask_token_id
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
+        if self.value_encoding not in ("category", "continuous", "none"):
+            raise ValueError(f"unknown value_encoding {self.value_encoding!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {self.pooling!r}")
+        if self.value_head not in ("bins", "mse", "none"):
+            raise ValueError(f"unknown value_head {self.value_head!r}")
+        if self.gene_head_activation not in ACTIVATIONS:
+            raise ValueError(f"gene_head_activation must be one of {list(ACTIVATIONS)}, got {self.gene_head_activation!r}")
+        if self.embedding_dropout not in ("sum", "values"):
+            raise ValueError(f"embedding_dropout must be 'sum' or 'values', got {self.embedding_dropout!r}")
+
+    @property
+    def mask_value(self) -> float:
+        """Value fed at masked positions: an extra bin id for categories, -1 for continuous values (scGPT)."""
+        return float(self.n_bins) if self.value_encoding == "category" else -1.0
+
+    def num_parameters_estimate(self) -> int:
+        d, ff = self.d_model, self.d_ff
+        per_layer = 4 * d * d + 4 * d + 2 * d * ff + d + ff + 4 * d
+        return self.n_layers * per_layer + self.vocab_size * d
+
+
+@dataclass
+class CellModelOutput(ModelOutput):
+    """Output of every trainable atlasformer module: a loss with its named terms, plus tensors.
+
+    ``loss_terms`` holds each objective's (already weighted) contribution, like scvi-tools' LossOutput.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+    cell_embedding: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] | None = None
+
+
+# --------------------------------------------------------------------------------------- embeddings
+class ContinuousValueEncoder(nn.Module):
+    """scGPT's value encoder: Linear(1, d) - ReLU - Linear(d, d) - LayerNorm, values clamped."""
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__()
+        d = config.d_model
+        self.linear1 = nn.Linear(1, d)
+        self.linear2 = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.clamp = config.value_clamp
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        # in the weights' dtype: DeepSpeed casts the whole model to bf16 / fp16 without autocast
+        x = values.float().clamp(max=self.clamp).unsqueeze(-1).to(self.linear1.weight.dtype)  # (batch, seq, 1)
+        return self.norm(self.linear2(F.relu(self.linear1(x))))  # (batch, seq, d_model)
+
+
+class CellEmbeddings(nn.Module):
+    """Gene embedding + value embedding (+ position, + condition), optional LayerNorm, dropout."""
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__()
+        d = config.d_model
+        self.genes = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        self.gene_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.gene_embedding_norm else None
+        self.values: nn.Module | None = None
+        if config.value_encoding == "category":
+            self.values = nn.Sequential(nn.Embedding(config.n_bins + 1, d), nn.LayerNorm(d, eps=config.layer_norm_eps))
+        elif config.value_encoding == "continuous":
+            self.values = ContinuousValueEncoder(config)
+        self.positions = nn.Embedding(config.max_position_embeddings, d) if config.max_position_embeddings else None
+        self.conditions = nn.Embedding(config.n_conditions, d) if config.n_conditions else None
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.embedding_norm else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.value_encoding = config.value_encoding
+        self.dropout_values_only = config.embedding_dropout == "values"
+
+    def gene_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.genes(input_ids)  # (batch, seq, d_model)
+        return self.gene_norm(x) if self.gene_norm is not None else x
+
+    def forward(self, input_ids, values=None, conditions=None) -> torch.Tensor:
+        x = self.gene_embedding(input_ids)  # (batch, seq, d_model)
+        if self.values is not None:
+            if values is None:
+                raise ValueError("this model embeds expression values; pass values with input_ids")
+            v = values.long() if self.value_encoding == "category" else values
+            value_emb = self.values(v)  # (batch, seq, d_model)
+            x = x + (self.dropout(value_emb) if self.dropout_values_only else value_emb)
+        if self.positions is not None:
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = x + self.positions(pos)[None]
+        if self.conditions is not None and conditions is not None:
+            # (batch,) or (batch, n_keys) ids into one table (batch, technology, ...), summed, added everywhere
+            cond = self.conditions(conditions if conditions.dim() == 2 else conditions[:, None]).sum(1)
+            x = x + cond[:, None, :]
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.dropout_values_only else self.dropout(x)
+
+
+# ---------------------------------------------------------------------------------------- attention
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection (named as torch's MultiheadAttention)."""
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.in_proj = nn.Linear(config.d_model, 3 * config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+        self.attention_dropout = config.attention_dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, d = x.shape
+        qkv = self.in_proj(x).view(b, s, 3, self.n_heads, d // self.n_heads)  # (batch, seq, 3, heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, d))  # (batch, seq, d_model)
+
+
+class EncoderBlock(nn.Module):
+    """Attention + feed-forward with residuals; pre-norm or post-norm."""
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__()
+        d = config.d_model
+        self.attention = SelfAttention(config)
+        self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.linear1 = nn.Linear(d, config.d_ff)
+        self.linear2 = nn.Linear(config.d_ff, d)
+        self.activation = ACTIVATIONS[config.activation]()
+        self.dropout = nn.Dropout(config.dropout)
+        self.norm_first = config.norm_first
+
+    def feed_forward(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self.dropout(self.attention(self.norm1(x), attn_mask))
+            return x + self.dropout(self.feed_forward(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.attention(x, attn_mask)))
+        return self.norm2(x + self.dropout(self.feed_forward(x)))
+
+
+class CellEncoder(nn.Module):
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else None
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        # (batch, 1, 1, seq) boolean: True where a key may be attended to
+        attn_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+# -------------------------------------------------------------------------------------------- model
+class CellTransformerPreTrainedModel(PreTrainedModel):
+    config_class = CellTransformerConfig
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        for module in self.modules():
+            if isinstance(module, CellEncoder):
+                module.gradient_checkpointing = enable
+
+
+class CellTransformer(CellTransformerPreTrainedModel):
+    """The backbone: embeddings and encoder; returns hidden states and the cell embedding."""
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__(config)
+        self.embeddings = CellEmbeddings(config)
+        self.encoder = CellEncoder(config)
+        self.post_init()
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Cell embedding (batch, d_model) from the <cls> output or the mean over gene outputs."""
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        genes = hidden[:, 1:]  # (batch, seq - 1, d_model)
+        if attention_mask is None:
+            return genes.mean(1)
+        m = attention_mask[:, 1:, None].to(hidden.dtype)
+        return (genes * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def forward(self, input_ids, values=None, attention_mask=None, conditions=None) -> CellModelOutput:
+        x = self.embeddings(input_ids, values, conditions)  # (batch, seq, d_model)
+        hidden = self.encoder(x, attention_mask)
+        return CellModelOutput(loss_terms={}, hidden_states=hidden, cell_embedding=self.pool(hidden, attention_mask), extras={})
+
+
+# ---------------------------------------------------------------------------------- pretraining heads
+class ValueHead(nn.Module):
+    """Predicts masked values from each position's output: bin logits, or a scalar (scGPT's ExprDecoder)."""
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__()
+        d = config.d_model
+        n_out = config.n_bins if config.value_head == "bins" else 1
+        self.net = nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, n_out))
+        self.scalar = config.value_head == "mse"
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.net(hidden)  # (batch, seq, n_bins) or (batch, seq, 1)
+        return out.squeeze(-1) if self.scalar else out
+
+
+class GeneHead(nn.Module):
+    """BERT's masked-LM head: dense - activation (GELU; Geneformer: ReLU) - LayerNorm - vocab decoder."""
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.activation = ACTIVATIONS[getattr(config, "gene_head_activation", "gelu")]()
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.activation(self.dense(hidden))))  # (batch, seq, vocab)
+
+
+class MVCHead(nn.Module):
+    """scGPT's MVC (GEPC) decoder: value of gene g = <sigmoid(W g_emb), V cell_emb>."""
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__()
+        self.gene_query = nn.Linear(config.d_model, config.d_model)
+        self.cell_key = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, gene_embedding: torch.Tensor, cell_embedding: torch.Tensor) -> torch.Tensor:
+        query = torch.sigmoid(self.gene_query(gene_embedding))  # (batch, seq, d_model)
+        key = self.cell_key(cell_embedding)  # (batch, d_model)
+        return torch.einsum("bsd,bd->bs", query, key)  # (batch, seq)
+
+
+def masked_sum_loss(per_token: torch.Tensor, target_mask: torch.Tensor, normalizer) -> torch.Tensor:
+    """Sum of per-token losses at target positions divided by ``normalizer`` (local count by default)."""
+    total = (per_token * target_mask).sum()
+    if normalizer is None:
+        normalizer = target_mask.sum().clamp(min=1)
+    return total / normalizer
+
+
+class CellTransformerForPretraining(CellTransformerPreTrainedModel):
+    """Backbone plus the pretraining heads: masked values, masked genes, MVC.
+
+    Losses are sums over target positions divided by ``loss_normalizer`` (defaults to the local number
+    of targets); the training loop passes the global count over ranks so that N processes compute
+    what one process would.
+    """
+
+    def __init__(self, config: CellTransformerConfig, objective_weights: dict[str, float] | None = None):
+        super().__init__(config)
+        self.backbone = CellTransformer(config)
+        self.value_head = ValueHead(config) if config.value_head != "none" else None
+        self.gene_head = GeneHead(config) if config.gene_head else None
+        self.mvc_head = MVCHead(config) if config.mvc_head else None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        conditions: torch.Tensor | None = None,
+        value_targets: torch.Tensor | None = None,
+        gene_targets: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+        loss_normalizer: torch.Tensor | float | None = None,
+        objective_weights: dict[str, float] | None = None,
+    ) -> CellModelOutput:
+        out = self.backbone(input_ids, values, attention_mask, conditions)
+        hidden, cell = out.hidden_states, out.cell_embedding
+        weights = objective_weights or {}
+        terms: dict[str, torch.Tensor] = {}
+        extras: dict[str, torch.Tensor] = {}
+        logits = None
+        if self.value_head is not None:
+            logits = self.value_head(hidden)
+            if value_targets is not None and target_mask is not None:
+                if self.config.value_head == "bins":
+                    per_token = F.cross_entropy(logits.float().transpose(1, 2), value_targets.long(), reduction="none")
+                else:
+                    per_token = (logits.float() - value_targets.float()) ** 2
+                terms["masked_value"] = weights.get("masked_value", 1.0) * masked_sum_loss(per_token, target_mask, loss_normalizer)
+        if self.gene_head is not None:
+            gene_logits = self.gene_head(hidden)
+            extras["gene_logits"] = gene_logits
+            if gene_targets is not None and target_mask is not None:
+                per_token = F.cross_entropy(gene_logits.float().transpose(1, 2), gene_targets.long(), reduction="none")
+                terms["masked_gene"] = weights.get("masked_gene", 1.0) * masked_sum_loss(per_token, target_mask, loss_normalizer)
+        if self.mvc_head is not None:
+            gene_emb = self.backbone.embeddings.gene_embedding(input_ids)
+            mvc = self.mvc_head(gene_emb, cell)
+            extras["mvc_values"] = mvc
+            if value_targets is not None and target_mask is not None:
+                per_token = (mvc.float() - value_targets.float()) ** 2
+                terms["mvc"] = weights.get("mvc", 1.0) * masked_sum_loss(per_token, target_mask, loss_normalizer)
+        loss = sum(terms.values()) if terms else None
+        return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=cell, hidden_states=hidden, extras=extras)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def matmul_flops_per_token(config: CellTransformerConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the encoder (2 per multiply-add), attention scores included."""
+    d, ff, n = config.d_model, config.d_ff, config.n_layers
+    dense = 2 * (4 * d * d + 2 * d * ff)
+    attention = 2 * 2 * seq_len * d
+    return float(n * (dense + attention))
+
+
+def head_flops_per_token(config: CellTransformerConfig) -> float:
+    """Forward FLOPs per token of the pretraining heads (value, masked-gene, MVC) and value encoder."""
+    d = config.d_model
+    flops = 0.0
+    if config.value_head != "none":
+        flops += 2 * (2 * d * d + d * (config.n_bins if config.value_head == "bins" else 1))
+    if config.gene_head:
+        flops += 2 * (d * d + d * config.vocab_size)
+    if config.mvc_head:
+        flops += 2 * (d * d + d)
+    if config.value_encoding == "continuous":
+        flops += 2 * (d + d * d)
+    return float(flops)
+
+
+def training_flops(config: CellTransformerConfig, lengths: torch.Tensor) -> float:
+    """FLOPs of one training step (forward + backward = 3x forward) over cells of ``lengths`` tokens.
+
+    Counted on real tokens only (``lengths`` excludes padding), so padding shows up as lost utilisation.
+    """
+    lengths = lengths.double()
+    per_cell = lengths * (matmul_flops_per_token(config, 0) + head_flops_per_token(config))
+    per_cell += config.n_layers * 4 * config.d_model * lengths**2  # attention scores and weighted values
+    return float(3 * per_cell.sum())

@@ -1,0 +1,352 @@
+"""Pretraining: one plain function, read top to bottom.
+
+set-up (engine, seed, tokenizer, cells, model, optimizer, schedule, resume) -> loop (fetch the step's
+micro-batches, count the targets across ranks, forward / backward under accumulation, clip, step) ->
+log / evaluate / checkpoint at intervals -> export the model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining, count_parameters
+from atlasformer.model_zoo.cell_transformer import training_flops
+from atlasformer.tokenization import (
+    BatchOrder,
+    CellTokenizer,
+    InputError,
+    TokenizedCells,
+    build_vocab,
+    collate,
+    open_inputs,
+    tokenize_anndata,
+)
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import PretrainConfig
+from .engine import BaseEngine, configure_threads, make_engine, peak_tflops
+from .export import export_model_folder, load_model_folder
+from .objectives import mask_batch
+
+
+# ------------------------------------------------------------------------------------ pure helpers
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def split_rows(n_cells: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of cell positions into training and held-out evaluation rows."""
+    perm = np.random.default_rng([seed, 7]).permutation(n_cells)
+    n_eval = int(round(n_cells * eval_fraction))
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """A masking RNG that depends only on where we are, so resuming needs no extra state."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]))
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    keys = ("input_ids", "values", "attention_mask", "conditions", "value_targets", "gene_targets", "target_mask")
+    return {k: batch[k].to(device) for k in keys if k in batch}
+
+
+# ------------------------------------------------------------------------------------ set-up helpers
+def make_tokenizer(cfg: PretrainConfig, inputs) -> CellTokenizer:
+    """The tokenizer of ``init_from``, or a new one over the union of the inputs' genes."""
+    if cfg.init_from:
+        return CellTokenizer.load(cfg.init_from)
+    vocab = build_vocab([a for _, a in inputs], gene_key=cfg.gene_key, specials=cfg.tokenizer.special_tokens,
+                        sources=[s for s, _ in inputs])
+    if cfg.tokenizer.kind == "rank":
+        raise InputError("rank-value pretraining needs gene medians: build a corpus with `atlasformer tokenize` first.")
+    return CellTokenizer(vocab, cfg.tokenizer)
+
+
+def load_cells(cfg: PretrainConfig, tokenizer: CellTokenizer, inputs, log) -> tuple[TokenizedCells, np.ndarray, list[str]]:
+    """Tokenize every input in memory; returns cells, condition ids per cell and condition names."""
+    parts, batches = [], []
+    offset = 0
+    for source, adata in inputs:
+        data = tokenize_anndata(adata, tokenizer, layer=cfg.layer, gene_key=cfg.gene_key, source=source, cell_offset=offset)
+        log(data.report.summary())
+        offset += adata.n_obs
+        parts.append(data.cells)
+        batches.append(condition_labels(data.obs, condition_keys(cfg), source, len(data.cells)))
+    conditions, names = condition_ids(np.concatenate(batches), condition_keys(cfg))
+    return TokenizedCells.concatenate(parts), conditions, names
+
+
+def condition_keys(cfg: PretrainConfig) -> list[str]:
+    """obs columns that become condition tokens: batch_key first, then condition_keys."""
+    return ([cfg.batch_key] if cfg.batch_key else []) + [k for k in cfg.condition_keys if k != cfg.batch_key]
+
+
+def condition_labels(obs, keys: list[str], source: str, n_cells: int) -> np.ndarray:
+    """(cells, keys) string labels of the condition columns."""
+    missing = [k for k in keys if k not in obs]
+    if missing:
+        raise InputError(f"{source}: condition column(s) {missing} not in obs (batch_key / condition_keys); "
+                         f"available: {list(obs.columns)}.")
+    return np.stack([obs[k].astype(str).to_numpy() for k in keys], axis=1) if keys else np.zeros((n_cells, 0), dtype=str)
+
+
+def condition_ids(labels: np.ndarray, keys: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Ids into one condition table for (cells, keys) labels, and the table's names.
+
+    One key (batch_key alone) gives (cells,) ids and plain names; several give (cells, keys) ids and
+    names ``key=value``, whose embeddings the model sums.
+    """
+    if not keys:
+        return np.zeros(len(labels), dtype=np.int64), []
+    names, columns = [], []
+    for j, key in enumerate(keys):
+        values = sorted(set(labels[:, j]))
+        columns.append(len(names) + np.searchsorted(np.asarray(values), labels[:, j]))
+        names += values if len(keys) == 1 else [f"{key}={v}" for v in values]
+    ids = np.stack(columns, axis=1).astype(np.int64)
+    return (ids[:, 0] if len(keys) == 1 else ids), names
+
+
+def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, n_conditions: int) -> CellTransformerForPretraining:
+    if cfg.init_from:
+        model, _ = load_model_folder(cfg.init_from)
+        if not isinstance(model, CellTransformerForPretraining):
+            raise InputError(f"{cfg.init_from}: init_from must be a pretrained (not fine-tuned) model folder.")
+        return model
+    known = set(CellTransformerConfig().to_dict())
+    unknown = set(cfg.model) - known
+    if unknown:
+        raise InputError(f"unknown model settings {sorted(unknown)}; see configs/model/*.yaml for the fields.")
+    kind = tokenizer.config.kind
+    arch = {
+        "value_encoding": {"binned": "category", "continuous": "continuous", "rank": "none"}[kind],
+        "value_head": {"binned": "bins", "continuous": "mse", "rank": "none"}[kind],
+        "gene_head": kind == "rank" or "masked_gene" in cfg.objectives,
+        "mvc_head": "mvc" in cfg.objectives,
+        "max_position_embeddings": tokenizer.config.max_seq_len + 1 if kind == "rank" else 0,
+        **cfg.model,
+    }
+    config = CellTransformerConfig(
+        vocab_size=len(tokenizer.vocab),
+        n_bins=tokenizer.config.n_bins,
+        n_conditions=n_conditions,
+        pad_token_id=tokenizer.vocab.pad_id,
+        cls_token_id=tokenizer.vocab.cls_id,
+        mask_token_id=tokenizer.vocab.mask_id,
+        **arch,
+    )
+    return CellTransformerForPretraining(config)
+
+
+def make_batch(cells: TokenizedCells, rows: np.ndarray, conditions: np.ndarray, tokenizer: CellTokenizer, cfg: PretrainConfig,
+               model_config, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    batch = collate(cells, rows, cls_id=tokenizer.vocab.cls_id, pad_id=tokenizer.vocab.pad_id)
+    if model_config.n_conditions:
+        batch["conditions"] = torch.from_numpy(conditions[rows])
+    return mask_batch(batch, mask_ratio=cfg.mask_ratio, mask_value=model_config.mask_value,
+                      mask_token_id=tokenizer.vocab.mask_id, mask_genes=tokenizer.config.kind == "rank", generator=generator)
+
+
+@torch.no_grad()
+def evaluate(model, engine: BaseEngine, cells, rows, conditions, tokenizer, cfg, model_config) -> dict[str, float]:
+    """Held-out masked losses (sum over targets / number of targets), each rank taking every N-th batch."""
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64)
+    batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][: cfg.eval_batches]
+    for first in range(0, len(batches), engine.world_size):
+        i = first + engine.rank
+        # under fsdp / ZeRO-3 every forward gathers weights from all ranks: all ranks run every round,
+        # and a rank without a batch in the last round repeats one and discards it
+        j = min(i, len(batches) - 1)
+        batch = make_batch(cells, batches[j], conditions, tokenizer, cfg, model_config, step_generator(cfg.seed, 2**31, j, 0))
+        with engine.autocast():
+            out = model(**model_inputs(batch, engine.device), loss_normalizer=1.0, objective_weights=cfg.objectives)
+        if i >= len(batches):
+            continue
+        for name, term in out.loss_terms.items():
+            sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + term.double().cpu()
+        count += batch["target_mask"].sum()
+    model.train()
+    names = sorted(sums) or [n for n in ("masked_value", "masked_gene", "mvc") if n in cfg.objectives]
+    stacked = torch.stack([sums.get(n, torch.zeros((), dtype=torch.float64)) for n in names] + [count])
+    stacked = engine.sum_across_ranks(stacked).cpu()
+    total = float(stacked[-1]) or 1.0
+    out = {f"eval/{n}": float(stacked[i]) / total for i, n in enumerate(names)}
+    out["eval/loss"] = sum(out.values())
+    return out
+
+
+class Logger:
+    """Metric lines to metrics.jsonl, the console and (optionally) wandb, on the main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, cfg: PretrainConfig):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if enabled and cfg.report_to == "wandb":
+            import wandb  # optional extra; WANDB_MODE=offline works without a network
+
+            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=str(run_dir))
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message)
+
+    def metrics(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ------------------------------------------------------------------------------------ the loop
+def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None = None) -> Path:
+    """Pretrain a CellTransformer on ``cfg.data``; returns the exported model folder ``<output>/model``.
+
+    Parameters
+    ----------
+    cfg
+        The run's settings.
+    resume
+        Continue from the latest complete checkpoint in ``<output>/checkpoints``.
+    run_config
+        The resolved config as written to YAML, stored in checkpoints and the model folder.
+    """
+    configure_threads(cfg.threads)
+    engine = make_engine(cfg)
+    run_dir = Path(cfg.output)
+    run_config = run_config or json.loads(json.dumps(asdict(cfg), default=str))
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise InputError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --output.")
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    log = Logger(run_dir, engine.is_main, cfg)
+
+    # data and tokenizer
+    inputs = _open(cfg)
+    tokenizer = make_tokenizer(cfg, inputs)
+    cells, conditions, condition_names = load_cells(cfg, tokenizer, inputs, log)
+    train_rows, eval_rows = split_rows(len(cells), cfg.eval_fraction, cfg.seed)
+
+    # model, optimizer, schedule
+    model = make_model(cfg, tokenizer, len(condition_names))
+    model.config.condition_names = condition_names
+    model_config = model.config
+    log(f"model: {count_parameters(model):,} parameters ({model_config.n_layers} layers, d_model {model_config.d_model}); "
+        f"{len(train_rows):,} training and {len(eval_rows):,} held-out cells; {engine.world_size} process(es) on {engine.device}")
+    # a factory: fsdp must build the optimizer over the sharded parameters
+    model, optimizer = engine.prepare(model, lambda params: torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=engine.fused_optimizer))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    peak, peak_source = peak_tflops(engine.device, cfg.precision, cfg.peak_tflops)
+    log(f"strategy {cfg.strategy}, precision {cfg.precision}; MFU peak per device: "
+        f"{f'{peak:.2f} TFLOP/s' if peak else 'none'} ({peak_source})")
+    order = BatchOrder(len(train_rows), cfg.batch_size, seed=cfg.seed, rank=engine.rank, world_size=engine.world_size)
+
+    step = 0
+    if checkpoint is not None:
+        step = load_checkpoint(engine, model, optimizer, scheduler, order, checkpoint)
+        log(f"resumed from {checkpoint} at step {step}")
+
+    if step == 0 and len(eval_rows):  # the untrained model's held-out loss, the baseline to improve on
+        metrics = evaluate(model, engine, cells, eval_rows, conditions, tokenizer, cfg, model_config)
+        log.metrics(0, metrics)
+        log(f"step 0: eval loss {metrics['eval/loss']:.4f}")
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (engine.is_main and sys.stderr.isatty()), desc="pretrain",
+               dynamic_ncols=True)
+    tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
+    while step < cfg.max_steps:
+        micro_batches = [
+            make_batch(cells, train_rows[order.next()], conditions, tokenizer, cfg, model_config,
+                       step_generator(cfg.seed, step, micro * engine.world_size + engine.rank, 0))
+            for micro in range(cfg.grad_accum)
+        ]
+        # normalise by the global target count so N processes compute what one process would
+        local_targets = torch.tensor(float(sum(int(b["target_mask"].sum()) for b in micro_batches)))
+        global_targets = engine.sum_across_ranks(local_targets).item()
+        normalizer = max(global_targets, 1.0) / (engine.world_size * cfg.grad_accum)
+        step_terms: dict[str, float] = {}
+        for batch in micro_batches:
+            with engine.accumulate(model):
+                with engine.autocast():
+                    out = model(**model_inputs(batch, engine.device), loss_normalizer=normalizer,
+                                objective_weights=cfg.objectives)
+                engine.backward(out.loss)
+            for name, term in out.loss_terms.items():
+                step_terms[name] = step_terms.get(name, 0.0) + float(term.detach())
+        grad_norm = engine.step(model, optimizer, cfg.clip_grad)  # clip, step, zero the gradients
+        scheduler.step()
+        step += 1
+        cells_seen += cfg.batch_size * cfg.grad_accum * engine.world_size
+        lengths = [b["attention_mask"].sum(1) for b in micro_batches]  # non-pad tokens per cell
+        tokens_seen += float(sum(int(n.sum()) for n in lengths))
+        flops_seen += sum(training_flops(model_config, n) for n in lengths)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            totals = torch.tensor([step_terms[k] for k in sorted(step_terms)] + [tokens_seen, flops_seen], dtype=torch.float64)
+            *terms, tokens_all, flops_all = engine.sum_across_ranks(totals).tolist()
+            terms = [t / (engine.world_size * cfg.grad_accum) for t in terms]
+            elapsed = time.perf_counter() - tick
+            metrics = {f"train/{k}": v for k, v in zip(sorted(step_terms), terms)}
+            metrics["train/loss"] = sum(terms)
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["cells_per_s"] = cells_seen / elapsed
+            metrics["tokens_per_s"] = tokens_all / elapsed
+            if peak:
+                metrics["mfu"] = flops_all / elapsed / (peak * 1e12 * engine.world_size)
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            log.metrics(step, metrics)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}",
+                            **({"mfu": f"{metrics['mfu']:.1%}"} if peak else {}))
+            if bar.disable:  # no terminal (CI, logs): a plain line instead of the bar
+                log(f"step {step}: loss {metrics['train/loss']:.4f}, {metrics['cells_per_s']:.0f} cells/s")
+            tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
+        if len(eval_rows) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            metrics = evaluate(model, engine, cells, eval_rows, conditions, tokenizer, cfg, model_config)
+            log.metrics(step, metrics)
+            log(f"step {step}: eval loss {metrics['eval/loss']:.4f}")
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_checkpoint(engine, model, optimizer, scheduler, order, run_dir, step, run_config, cfg.keep_last)
+        bar.update(1)
+    bar.close()
+
+    model_dir = run_dir / "model"
+    plain = engine.export_model(model)  # consolidated from the shards under fsdp / ZeRO
+    if engine.is_main:
+        export_model_folder(plain, tokenizer, model_dir, run_config)
+        log(f"model folder written to {model_dir}")
+    engine.barrier()
+    log.close()
+    engine.close()
+    return model_dir
+
+
+def _open(cfg: PretrainConfig):
+    if not cfg.data:
+        raise InputError("no input data: pass --data FILE... (h5ad files or folders of them).")
+    return open_inputs(list(cfg.data))

@@ -1,0 +1,71 @@
+"""The dependency direction of the layout: tokenization and model_zoo are leaves, model_zoo never imports
+anndata, pretrain uses those two, finetune uses all three, nothing imports the root or scripts/."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("tokenization", "model_zoo", "pretrain", "finetune")
+ROOT_MODULES = {"atlasformer.cli", "atlasformer.config", "atlasformer.api", "atlasformer"}
+
+# stage -> atlasformer stages it may import
+ALLOWED = {
+    "tokenization": set(),
+    "model_zoo": set(),
+    "pretrain": {"tokenization", "model_zoo"},
+    "finetune": {"tokenization", "model_zoo", "pretrain"},
+}
+FORBIDDEN_THIRD_PARTY = {"model_zoo": {"anndata", "scanpy", "mudata", "tiledbsoma"}}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_imports_point_one_way(stage):
+    for path in sorted((REPO / stage).rglob("*.py")):
+        for name in imported_modules(path):
+            parts = name.split(".")
+            if parts[0] in STAGES or parts[0] == "scripts":
+                pytest.fail(f"{path}: imports {name!r} by its folder name; use atlasformer.{parts[0]}")
+            if parts[0] == "atlasformer":
+                target = parts[1] if len(parts) > 1 else ""
+                assert name not in ROOT_MODULES and target not in ("cli", "config", "api", ""), (
+                    f"{path}: imports the root package ({name}); nothing below the root may")
+                if target in STAGES and target != stage:
+                    assert target in ALLOWED[stage], f"{path}: {stage} may not import atlasformer.{target}"
+            assert parts[0] not in FORBIDDEN_THIRD_PARTY.get(stage, set()), f"{path}: {stage} may not import {parts[0]}"
+
+
+def test_nothing_imports_scripts():
+    for path in list(REPO.rglob("*.py")):
+        if ".venv" in path.parts or "scripts" in path.parts:
+            continue
+        for name in imported_modules(path):
+            assert not name.startswith("scripts"), f"{path} imports {name}"
+
+
+def test_model_zoo_runtime_does_not_load_anndata():
+    code = "import sys, atlasformer.model_zoo; print('anndata' in sys.modules, 'atlasformer.tokenization' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"], out
+
+
+def test_only_atlasformer_is_installed_as_top_level(tmp_path):
+    """Outside the checkout, the generic folder names are not importable: only atlasformer is installed."""
+    code = ("import importlib.util as u; print([n for n in ('tokenization', 'finetune', 'model_zoo', 'pretrain') "
+            "if u.find_spec(n)]); import atlasformer.tokenization, atlasformer.finetune")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "[]"

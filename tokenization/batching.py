@@ -1,0 +1,105 @@
+"""From ragged token sequences to padded batches, and a resumable, rank-aware batch order.
+
+A batch is a dict of tensors:
+
+- ``input_ids``: (batch, 1 + genes) long, ``<cls>`` first, ``<pad>`` after each cell's genes
+- ``values``: (batch, 1 + genes) float, 0 at ``<cls>`` and padding
+- ``attention_mask``: (batch, 1 + genes) bool, True on real tokens
+- ``rows``: (batch,) long, the cells' positions in the :class:`TokenizedCells`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .tokenizer import TokenizedCells
+
+
+def collate(cells: TokenizedCells, rows: np.ndarray, *, cls_id: int, pad_id: int, pad_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Pad the cells at ``rows`` into one batch (lengths rounded up to ``pad_multiple`` for fast kernels)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = cells.lengths[rows]
+    width = 1 + int(lengths.max(initial=0))
+    width = -(-width // pad_multiple) * pad_multiple
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    values = np.zeros((len(rows), width), dtype=np.float32)
+    input_ids[:, 0] = cls_id
+    # scatter every cell's tokens at once: column = 1 + position within the cell
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    starts = cells.offsets[rows]
+    first = np.zeros(len(rows), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=first[1:])
+    within = np.arange(int(lengths.sum())) - first[row_of]
+    source = starts[row_of] + within
+    input_ids[row_of, 1 + within] = cells.gene_ids[source]
+    values[row_of, 1 + within] = cells.values[source]
+    attention_mask = np.arange(width)[None, :] < (1 + lengths)[:, None]
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "values": torch.from_numpy(values),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "rows": torch.from_numpy(rows),
+    }
+
+
+@dataclass
+class BatchOrder:
+    """Seeded epochs of shuffled batches, split across ranks, whose position can be saved and restored.
+
+    Every rank computes the same permutation for an epoch and takes every ``world_size``-th batch
+    starting at its rank, so ranks read disjoint cells. The state is ``(epoch, step)``: resuming with
+    the same world size continues exactly where a run stopped.
+    """
+
+    n_cells: int
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = True
+    drop_last: bool = True
+    epoch: int = 0
+    step: int = 0
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_cells) if self.shuffle else np.arange(self.n_cells)
+        n_full = self.n_cells // self.batch_size
+        batches = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n_full)]
+        if not self.drop_last and self.n_cells % self.batch_size:
+            batches.append(order[n_full * self.batch_size :])
+        usable = len(batches) - len(batches) % self.world_size if self.drop_last else len(batches)
+        return batches[self.rank : usable : self.world_size]
+
+    def batches_per_epoch(self) -> int:
+        return len(self._batches(0))
+
+    def next(self) -> np.ndarray:
+        """Rows of this rank's next batch, moving to the next epoch when one ends."""
+        batches = self._batches(self.epoch)
+        if not batches:
+            raise ValueError(
+                f"{self.n_cells} cells are too few for batch_size={self.batch_size} on {self.world_size} processes; "
+                "lower batch_size or add cells."
+            )
+        if self.step >= len(batches):
+            self.epoch, self.step = self.epoch + 1, 0
+            batches = self._batches(self.epoch)
+        rows = batches[self.step]
+        self.step += 1
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "world_size": self.world_size, "seed": self.seed, "n_cells": self.n_cells}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"checkpoint was written with {state['world_size']} processes, this run has {self.world_size}: "
+                "the data position cannot be resumed exactly. Resume with the same number of processes."
+            )
+        if state["n_cells"] != self.n_cells:
+            raise ValueError(f"checkpoint saw {state['n_cells']} cells, this run has {self.n_cells}: the data changed.")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])

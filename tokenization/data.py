@@ -1,0 +1,208 @@
+"""Tokenizing AnnData objects and h5ad files in chunks, and building vocabularies from them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .anndata_io import (
+    InputError,
+    count_matrix,
+    expand_data_paths,
+    iter_count_chunks,
+    read_h5ad,
+    to_csr,
+)
+from .gene_ids import GeneResolution, raw_gene_ids, require_identifiers, resolve_gene_ids
+from .tokenizer import CellTokenizer, TokenizedCells, TokenizeReport
+from .vocab import GeneVocab
+
+
+def resolve_genes(
+    adata: ad.AnnData,
+    gene_key: str | None = None,
+    *,
+    source: str = "data",
+    gene_id_mode: Literal["resolve", "raw"] = "resolve",
+    gene_table: str | os.PathLike | None = None,
+) -> GeneResolution:
+    """Vocabulary key of each of ``adata``'s genes, with the report of how they were found.
+
+    ``gene_id_mode="resolve"`` maps var names and the usual identifier columns to canonical keys
+    (:mod:`.gene_ids`); ``"raw"`` takes ``var_names`` (or the ``gene_key`` column) as they are.
+    """
+    if gene_id_mode == "raw":
+        return raw_gene_ids(adata.var, gene_key=gene_key, source=source)
+    return resolve_gene_ids(adata.var, gene_key=gene_key, gene_table=gene_table, source=source)
+
+
+def gene_keys(
+    adata: ad.AnnData,
+    gene_key: str | None = None,
+    *,
+    source: str = "data",
+    gene_id_mode: Literal["resolve", "raw"] = "resolve",
+    gene_table: str | os.PathLike | None = None,
+) -> pd.Index:
+    """The vocabulary key of each of ``adata``'s genes (None where a gene has no usable identifier)."""
+    resolution = resolve_genes(adata, gene_key, source=source, gene_id_mode=gene_id_mode, gene_table=gene_table)
+    return pd.Index(resolution.keys, dtype=object)
+
+
+def expressed_genes(adata: ad.AnnData, layer: str | None = None, chunk_size: int = 4096) -> np.ndarray:
+    """Boolean per gene: any count in any cell (computed chunk by chunk)."""
+    seen = np.zeros(adata.n_vars, dtype=bool)
+    matrix = count_matrix(adata, layer)
+    for start in range(0, adata.n_obs, chunk_size):
+        block = to_csr(matrix[start : start + chunk_size])
+        seen[block.indices[block.data != 0]] = True
+    return seen
+
+
+def build_vocab(
+    datas: list[ad.AnnData],
+    *,
+    gene_key: str | None = None,
+    specials=("<pad>", "<cls>", "<mask>"),
+    sources: list[str] | None = None,
+    gene_id_mode: Literal["resolve", "raw"] = "resolve",
+    gene_table: str | os.PathLike | None = None,
+) -> GeneVocab:
+    """A vocabulary over the union of the inputs' gene keys (sorted, so it does not depend on file order).
+
+    Raises :class:`InputError` naming a file none of whose genes has a usable identifier (e.g. var
+    names ``'0', '1', ...``), since such a file can share no token with the others.
+    """
+    sources = sources or [f"data[{i}]" for i in range(len(datas))]
+    gene_lists = []
+    for adata, source in zip(datas, sources):
+        resolution = resolve_genes(adata, gene_key, source=source, gene_id_mode=gene_id_mode, gene_table=gene_table)
+        require_identifiers(resolution, source)
+        gene_lists.append([k for k in resolution.keys if k is not None])
+    return GeneVocab.from_gene_lists(gene_lists, specials=specials)
+
+
+@dataclass
+class TokenizedData:
+    """Tokenized cells of one input together with their obs rows."""
+
+    cells: TokenizedCells
+    obs: pd.DataFrame
+    report: TokenizeReport
+
+
+def tokenize_anndata(
+    adata: ad.AnnData,
+    tokenizer: CellTokenizer,
+    *,
+    layer: str | None = None,
+    gene_key: str | None = None,
+    chunk_size: int = 2048,
+    source: str = "data",
+    cell_offset: int = 0,
+) -> TokenizedData:
+    """Tokenize every cell of ``adata`` chunk by chunk (works on backed AnnData).
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X`` or ``layers[layer]``.
+    tokenizer
+        Tokenizer whose vocabulary the genes are looked up in; its config's ``gene_id_mode`` and
+        ``gene_table`` say how gene identifiers are resolved.
+    layer, gene_key
+        Where counts and gene identifiers are.
+    chunk_size
+        Cells read at a time; memory is bounded by it.
+    source
+        Name used in messages and reports.
+    cell_offset
+        Added to row numbers in the subsampling hash, so cells of different files differ.
+
+    Returns
+    -------
+    The tokenized cells (empty cells dropped and counted), their obs rows, and a report with the gene
+    resolution routes and the overlap with the vocabulary.
+    """
+    resolution, column_ids = _columns_in_vocab(adata, tokenizer, gene_key=gene_key, source=source)
+    expressed = np.zeros(adata.n_vars, dtype=bool)
+    parts = []
+    for chunk in iter_count_chunks(adata, layer=layer, chunk_size=chunk_size, source=source):
+        expressed[chunk.counts.indices[chunk.counts.data != 0]] = True
+        parts.append(_encode_chunk(tokenizer, chunk, column_ids, cell_offset))
+    overlap = tokenizer.check_overlap(column_ids, source=source, expressed=expressed)
+    resolution.set_expressed(expressed)
+    cells = TokenizedCells.concatenate(parts)
+    report = TokenizeReport(
+        source=source,
+        n_cells=adata.n_obs,
+        n_cells_kept=len(cells),
+        n_empty_dropped=cells.n_empty_dropped,
+        n_genes=adata.n_vars,
+        n_genes_in_vocab=int((column_ids >= 0).sum()),
+        overlap=overlap,
+        dropped_genes=list(resolution.names[(column_ids < 0) & expressed][:50]),
+        gene_ids=resolution.report,
+    )
+    if len(cells) == 0:
+        raise InputError(f"{source}: no cell has counts on the vocabulary's genes; nothing to tokenize.")
+    obs = adata.obs.iloc[cells.cell_index]
+    return TokenizedData(cells=cells, obs=obs, report=report)
+
+
+def _columns_in_vocab(adata: ad.AnnData, tokenizer: CellTokenizer, *, gene_key: str | None, source: str):
+    """Resolve the genes and look them up; a file sharing no gene with the vocabulary is an error."""
+    cfg = tokenizer.config
+    resolution = resolve_genes(adata, gene_key, source=source, gene_id_mode=cfg.gene_id_mode, gene_table=cfg.gene_table)
+    require_identifiers(resolution, source)
+    column_ids = tokenizer.column_ids(resolution.keys)
+    if not (column_ids >= 0).any():
+        examples = ", ".join(repr(k) for k in resolution.keys[:3])
+        raise InputError(
+            f"{source}: no overlap with the vocabulary: none of its {adata.n_vars} genes (keys {examples}, ...) "
+            "is a vocabulary gene. Check that var names (or gene_key) hold gene symbols or Ensembl IDs of the "
+            "model's species, or pass a gene table (tokenizer.gene_table) for another species."
+        )
+    return resolution, column_ids
+
+
+def _encode_chunk(tokenizer: CellTokenizer, chunk, column_ids: np.ndarray, cell_offset: int) -> TokenizedCells:
+    rows = np.arange(chunk.start, chunk.start + chunk.counts.shape[0])
+    part = tokenizer.encode(chunk.counts, column_ids, cell_index=rows + cell_offset)
+    part.cell_index = part.cell_index - cell_offset  # keep row numbers local to this input
+    return part
+
+
+def iter_tokenized(adata: ad.AnnData, tokenizer: CellTokenizer, column_ids: np.ndarray, *, layer: str | None = None,
+                   chunk_size: int = 2048, source: str = "data", cell_offset: int = 0):
+    """Yield ``(start, TokenizedCells)`` chunk by chunk; ``cell_index`` stays local to ``adata``."""
+    for chunk in iter_count_chunks(adata, layer=layer, chunk_size=chunk_size, source=source):
+        yield chunk.start, _encode_chunk(tokenizer, chunk, column_ids, cell_offset)
+
+
+def column_token_ids(adata: ad.AnnData, tokenizer: CellTokenizer, *, layer: str | None = None, gene_key: str | None = None,
+                     source: str = "data") -> np.ndarray:
+    """Vocabulary id of each of ``adata``'s genes (-1 if unknown), after the overlap check."""
+    _, column_ids = _columns_in_vocab(adata, tokenizer, gene_key=gene_key, source=source)
+    tokenizer.check_overlap(column_ids, source=source, expressed=expressed_genes(adata, layer))
+    return column_ids
+
+
+def open_inputs(paths: list[str | os.PathLike]) -> list[tuple[str, ad.AnnData]]:
+    """Open every h5ad named by ``--data`` arguments (files or folders) backed and read-only."""
+    return [(str(p), read_h5ad(p, backed=True)) for p in expand_data_paths(paths)]
+
+
+def input_stem(path: str | os.PathLike) -> str:
+    """File name without ``.h5ad`` (and without a ``.rna`` suffix), used for outputs and reports."""
+    name = Path(path).name
+    for suffix in (".h5ad", ".rna"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
