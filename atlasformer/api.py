@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 
 from atlasformer.finetune.common import iter_model_outputs
-from atlasformer.model_zoo.hub import resolve_model_path
+from atlasformer.pretrain.convert import resolve_model
 from atlasformer.pretrain.export import load_model_folder
 
 
@@ -20,7 +20,8 @@ def from_pretrained(model: str | os.PathLike, *, revision: str | None = None, su
     ----------
     model
         Local folder or Hugging Face hub id (resolved through huggingface_hub's cache; honours
-        ``HF_HUB_OFFLINE``).
+        ``HF_HUB_OFFLINE``). Folders and repositories in scGPT or Geneformer format are converted on
+        first use and the result cached (see ``atlasformer.pretrain.convert.resolve_model``).
     revision
         Hub branch, tag or commit.
     subfolder
@@ -28,7 +29,7 @@ def from_pretrained(model: str | os.PathLike, *, revision: str | None = None, su
     verify
         Check every file against the SHA-256 in ``atlasformer.json``.
     """
-    return load_model_folder(resolve_model_path(model, revision=revision, subfolder=subfolder), verify=verify)
+    return load_model_folder(resolve_model(model, revision=revision, subfolder=subfolder), verify=verify)
 
 
 def cell_embeddings(adata: ad.AnnData, model, *, layer: str | None = None, gene_key: str | None = None,

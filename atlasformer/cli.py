@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from atlasformer.config import ConfigError, configs_root, load_config, to_plain
 
-
 # ----------------------------------------------------------------------------------------- flags
+OVERRIDES_HELP = "Configuration overrides follow the flags as key=value, e.g. lr=1e-4 model.d_model=64 model=small."
+
+
 def add_io(parser: argparse.ArgumentParser, *, model: bool = True, labels: bool = False, batch: bool = True,
            data_required: bool = True) -> None:
     parser.add_argument("--data", nargs="+", required=data_required, metavar="FILE",
@@ -24,6 +27,7 @@ def add_io(parser: argparse.ArgumentParser, *, model: bool = True, labels: bool 
     if model:
         parser.add_argument("--model", metavar="PATH_OR_HUB_ID", help="model folder or hub id (org/name)")
         parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+        parser.add_argument("--subfolder", help="folder inside the model repository that holds the model")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--layer", help="read counts from this layer instead of X")
     parser.add_argument("--gene-key", help="var column with gene identifiers instead of var_names")
@@ -32,7 +36,7 @@ def add_io(parser: argparse.ArgumentParser, *, model: bool = True, labels: bool 
     if batch:
         parser.add_argument("--batch-key", help="obs column with batches")
     parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-4 model.d_model=64")
+    parser.epilog = OVERRIDES_HELP
 
 
 def single_input(args) -> str:
@@ -44,12 +48,16 @@ def single_input(args) -> str:
 def resolved_model(args):
     if not args.model:
         return None
-    from atlasformer.model_zoo.hub import resolve_model_path
+    from atlasformer.pretrain.convert import resolve_model
 
-    return resolve_model_path(args.model, revision=getattr(args, "revision", None))
+    # scGPT / Geneformer folders and repositories are converted on the fly (and cached)
+    return resolve_model(args.model, revision=getattr(args, "revision", None), subfolder=getattr(args, "subfolder", None))
 
 
 # ----------------------------------------------------------------------------------------- commands
+TASKS = ["annotation", "integration", "imputation", "modality"]
+
+
 def cmd_pretrain(args) -> int:
     from atlasformer.pretrain import PretrainConfig, train
 
@@ -65,23 +73,53 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    """Build a corpus: the YAML and ``tokenizer.``/tokenizer-field overrides make the TokenizerConfig,
+    overrides naming a CorpusConfig field (shard_size, on_bad_input, ...) the build options."""
+    import dataclasses
+
+    from atlasformer.tokenization import CellTokenizer, TokenizerConfig
+    from atlasformer.tokenization.corpus import CorpusConfig, build_corpus
+    from atlasformer.tokenization.corpus_format import export_hf_dataset
+
+    build_fields = {f.name for f in dataclasses.fields(CorpusConfig)} - {"tokenizer"}
+    build = [o for o in args.overrides if o.split("=", 1)[0] in build_fields]
+    tokenizer_items = [o.removeprefix("tokenizer.") for o in args.overrides if o not in build]
+    tokenizer_cfg = load_config(TokenizerConfig, args.config, tokenizer_items)
+    base = {k: getattr(args, k) for k in ("layer", "gene_key", "batch_key", "labels_key") if getattr(args, k, None)}
+    cfg = dataclasses.replace(load_config(CorpusConfig, None, build, base=base), tokenizer=tokenizer_cfg)
+    tokenizer = CellTokenizer.load(resolved_model(args)) if args.model else None
+    manifest = build_corpus(args.data, args.output, tokenizer, config=cfg)
+    if args.export_hf:
+        print(f"Hugging Face dataset (input_ids): {export_hf_dataset(args.output, args.export_hf)}")
+    print(f"corpus: {args.output} ({manifest['n_cells']:,} cells in {len(manifest['shards'])} shards)")
+    return 0
+
+
 def finetune_config(args, task: str):
     from atlasformer.finetune import FinetuneConfig
 
     base = {}
     if getattr(args, "from_scratch", False):
         base["from_scratch"] = True
+    if getattr(args, "unknown_threshold", None) is not None:
+        base["unknown_threshold"] = args.unknown_threshold
     return load_config(FinetuneConfig, args.config, args.overrides, base=base)
 
 
 def make_task(task: str, args, cfg):
     """The user-facing task object for ``task`` (a plain lookup)."""
-    from atlasformer.finetune import Annotator
+    from atlasformer.finetune import Annotator, Imputer, Integrator, ModalityPredictor
 
     keys = {"layer": args.layer, "gene_key": args.gene_key, "batch_key": args.batch_key}
     model = None if cfg.from_scratch else resolved_model(args)
     builders = {
         "annotation": lambda: Annotator(model, cfg, labels_key=_require(args, "labels_key"), **keys),
+        "integration": lambda: Integrator(model, cfg, labels_key=args.labels_key,
+                                          **{**keys, "batch_key": _require(args, "batch_key")}),
+        "imputation": lambda: Imputer(model, cfg, **keys),
+        "modality": lambda: ModalityPredictor(model, cfg, modality=args.modality, paired=args.paired,
+                                              paired_obsm=args.paired_obsm, **keys),
     }
     if task not in builders:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(builders)}.")
@@ -105,17 +143,24 @@ def cmd_finetune(args) -> int:
     summary = finetune_file(task, single_input(args), args.output, with_x=args.with_x,
                             run_config={"task": args.task, **to_plain(cfg)})
     print(json.dumps({k: v for k, v in summary["validation"].items() if not isinstance(v, dict)}, indent=2))
+    for query in expand(args.query or []):  # label transfer / prediction on further files with the new model
+        from atlasformer.finetune import predict_file
+
+        print(f"wrote {predict_file(task, query, args.output, with_x=args.with_x)}")
     print(f"outputs written to {args.output}")
     return 0
 
 
 def load_task(task: str, args, cfg):
     """A fitted task object from a fine-tuned folder."""
-    from atlasformer.finetune import Annotator
+    from atlasformer.finetune import Annotator, Imputer, Integrator, ModalityPredictor
 
     keys = {"layer": args.layer, "gene_key": args.gene_key}
     loaders = {
         "annotation": lambda folder: Annotator.load(folder, cfg, **keys),
+        "integration": lambda folder: Integrator.load(folder, cfg, **keys),
+        "imputation": lambda folder: Imputer.load(folder, cfg, **keys),
+        "modality": lambda folder: ModalityPredictor.load(folder, cfg, **keys),
     }
     if task not in loaders:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(loaders)}.")
@@ -147,7 +192,7 @@ def cmd_embed(args) -> int:
 
     if not args.model:
         raise ConfigError("embed needs --model: a model folder or hub id.")
-    pair = from_pretrained(args.model, revision=args.revision)
+    pair = from_pretrained(args.model, revision=args.revision, subfolder=args.subfolder)
     for data in expand(args.data):
         adata = read_h5ad(data, backed=True)
         target = output_adata(adata, args.with_x)
@@ -189,6 +234,24 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    """Run one task of the benchmark protocol (docs/benchmarks.md) on one file with every applicable method."""
+    from atlasformer.finetune.benchmark import BenchmarkConfig, run_benchmark
+
+    cfg = load_config(BenchmarkConfig, args.config, args.overrides)
+    if (args.paired is None) != (args.modality is None):
+        raise ConfigError("--paired FILE and --modality protein|atac go together.")
+    command = "atlasformer " + " ".join(sys.argv[1:]) if sys.argv else ""
+    result = run_benchmark(args.task, single_input(args), output=args.output, paired=args.paired,
+                           modality=args.modality, labels_key=args.labels_key, batch_key=args.batch_key,
+                           layer=args.layer, gene_key=args.gene_key, model=resolved_model(args), methods=args.methods,
+                           seeds=tuple(args.seeds), config=cfg, command=command)
+    for method, reason in result["skipped"].items():
+        print(f"skipped {method}: {reason}")
+    print(f"results: {Path(args.output) / 'results.json'}\nreport: {result['report']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasformer", description=__doc__.split("\n")[0])
@@ -199,23 +262,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --output")
     p.set_defaults(run=cmd_pretrain)
 
+    p = sub.add_parser("tokenize", help="tokenize h5ad files / SOMA experiments into a sharded corpus",
+                       description="Build a sharded, resumable corpus of tokenized cells (docs/corpus.md).")
+    add_io(p, labels=True)
+    p.add_argument("--export-hf", metavar="DIR", help="also export a rank-value corpus as a Hugging Face dataset")
+    p.epilog = "Overrides: tokenizer fields (kind=rank max_seq_len=2048) and build options (shard_size=65536)."
+    p.set_defaults(run=cmd_tokenize)
+
     p = sub.add_parser("finetune", help="fine-tune a task head on a labelled file", description="Fine-tune a task.")
-    p.add_argument("task", choices=["annotation"], help="the task")
+    p.add_argument("task", choices=TASKS, help="the task")
     add_io(p, labels=True)
     p.add_argument("--from-scratch", action="store_true", help="random initialisation with a vocabulary from the data")
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
+    p.add_argument("--query", nargs="+", metavar="FILE", help="annotation: also predict these files (label transfer)")
+    p.add_argument("--unknown-threshold", type=float, help="annotation: label cells below this confidence 'unknown'")
+    p.add_argument("--modality", choices=["protein", "atac"], default="protein", help="modality: what to predict")
+    p.add_argument("--paired", metavar="FILE", help="modality: the paired protein / ATAC file (same obs_names; h5ad or h5mu)")
+    p.add_argument("--paired-obsm", metavar="KEY", help="modality: obsm key of --data holding the paired values")
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("predict", help="apply a fine-tuned model to new files", description="Predict with a fine-tuned model.")
-    p.add_argument("task", choices=["annotation"], help="the task")
+    p.add_argument("task", choices=TASKS, help="the task")
     add_io(p)
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
+    p.add_argument("--unknown-threshold", type=float, help="annotation: label cells below this confidence 'unknown'")
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("embed", help="zero-shot cell embeddings into obsm['X_atlasformer']", description="Embed cells.")
     add_io(p, batch=False)
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
     p.set_defaults(run=cmd_embed)
+
+    p = sub.add_parser("benchmark", help="compare atlasformer with scVI and simple baselines on one task",
+                       description="Run the benchmark protocol of docs/benchmarks.md on one file.")
+    p.add_argument("--task", required=True, choices=["annotation", "integration", "imputation", "modality"])
+    add_io(p, labels=True)
+    p.add_argument("--paired", metavar="FILE", help="modality: protein or ATAC counts of the same cells")
+    p.add_argument("--modality", choices=["protein", "atac"], help="what --paired holds")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to run (default: all that apply)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="seeds (default 0 1 2)")
+    p.set_defaults(run=cmd_benchmark)
 
     p = sub.add_parser("quickstart", help="simulate data, pretrain a tiny model, fine-tune annotation",
                        description="End-to-end demo on simulated data (or --data FILE --labels-key K).")
@@ -225,19 +311,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-key", help="obs column with cell labels (with --data)")
     p.add_argument("--batch-key", help="obs column with batches (with --data)")
     p.add_argument("--n-cells", type=int, default=2000, help="cells to simulate (without --data)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides")
+    p.epilog = OVERRIDES_HELP
     p.set_defaults(run=cmd_quickstart)
+    add_convert_and_hub(sub)
     return parser
 
 
+# ----------------------------------------------------------------------------------- convert / hub
+def cmd_convert(args) -> int:
+    from atlasformer.pretrain.convert import convert_geneformer, convert_scgpt
+    from atlasformer.pretrain.export import load_model_folder
+
+    where = {"revision": args.revision, "subfolder": args.subfolder}
+    args.source, args.output = args.model or args.source, args.output or args.out
+    if not args.source or not args.output:
+        raise ConfigError("convert needs the source checkpoint and the output folder: "
+                          "atlasformer convert scgpt --model DIR --output OUT (or positionally: DIR OUT).")
+    converters = {
+        "scgpt": lambda: convert_scgpt(args.source, args.output, **where),
+        "geneformer": lambda: convert_geneformer(args.source, args.output, token_dictionary=args.token_dictionary,
+                                                 gene_medians=args.gene_medians, **where),
+    }
+    out = converters[args.source_format]()
+    model, tokenizer = load_model_folder(out)
+    print(f"converted {args.source_format} checkpoint {args.source} -> {out}: {model.config.n_layers} layers, "
+          f"d_model {model.config.d_model}, {len(tokenizer.vocab):,} tokens, {tokenizer.config.kind} tokenizer")
+    return 0
+
+
+def cmd_hub_push(args) -> int:
+    from atlasformer.model_zoo.hub import push_model_folder
+    from atlasformer.pretrain.export import load_model_folder
+
+    load_model_folder(args.folder)  # the folder must load as it is before anyone downloads it
+    plan = push_model_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run,
+                             commit_message=args.commit_message, revision=args.revision)
+    print(json.dumps(plan, indent=2))
+    print("dry run: nothing uploaded" if args.dry_run else f"uploaded to {plan['url']}")
+    return 0
+
+
+def add_convert_and_hub(sub) -> None:
+    p = sub.add_parser("convert", help="convert an scGPT or Geneformer checkpoint into an atlasformer model folder",
+                       description="Convert a public checkpoint (folder or hub id) into a model folder.")
+    p.add_argument("source_format", choices=["scgpt", "geneformer"], help="format of the source checkpoint")
+    p.add_argument("source", metavar="DIR_OR_HUB_ID", nargs="?", help="scGPT folder (best_model.pt, vocab.json, args.json) "
+                   "or Geneformer folder (BERT config.json + weights), or a hub id holding one (or --model)")
+    p.add_argument("out", metavar="OUT", nargs="?", help="model folder to write (or --output)")
+    p.add_argument("--model", metavar="DIR_OR_HUB_ID", help="the source checkpoint (same as the first positional)")
+    p.add_argument("--output", metavar="DIR", help="model folder to write (same as the second positional)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--subfolder", help="folder inside the source that holds the model")
+    p.add_argument("--token-dictionary", metavar="PKL", help="Geneformer token dictionary (default: found by vocab size)")
+    p.add_argument("--gene-medians", metavar="PKL", help="Geneformer gene-median dictionary (default: found beside it)")
+    p.set_defaults(run=cmd_convert)
+
+    hub = sub.add_parser("hub", help="share model folders on the Hugging Face hub", description="Hub commands.")
+    hub_sub = hub.add_subparsers(dest="hub_command", required=True)
+    p = hub_sub.add_parser("push", help="upload a model folder (validated first)", description="Upload a model folder.")
+    p.add_argument("folder", metavar="DIR", help="model folder (as exported by atlasformer)")
+    p.add_argument("repo_id", metavar="ORG/NAME", help="hub repository (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the files, upload nothing")
+    p.add_argument("--commit-message", help="commit message on the hub")
+    p.add_argument("--revision", help="branch to push to (default: main)")
+    p.set_defaults(run=cmd_hub_push)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may stand anywhere after the subcommand; argparse leaves them as extras
+    args, extras = parser.parse_known_args(argv)
+    unknown = [item for item in extras if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = extras
+    if getattr(args, "data", None):  # `--data a.h5ad lr=1e-4`: nargs="+" swallowed the overrides
+        args.overrides = [d for d in args.data if "=" in d and not Path(d).exists()] + extras
+        args.data = [d for d in args.data if not ("=" in d and not Path(d).exists())]
     from atlasformer.model_zoo import CheckpointError
     from atlasformer.tokenization import InputError
 
     try:
         return args.run(args)
-    except (ConfigError, InputError, CheckpointError) as err:
+    except (ConfigError, InputError, CheckpointError, ValueError) as err:
+        # settings the engine or a library refuses arrive as ValueError too; ATLASFORMER_DEBUG=1 shows the traceback
+        if os.environ.get("ATLASFORMER_DEBUG") == "1":
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,25 @@
 from .annotation import Annotator, annotate
 from .config import FinetuneConfig
 from .fit import fit
+from .imputation import Imputer, denoise
+from .integration import Integrator, integrate
+from .modality import ModalityPredictor, predict_modality
 from .runner import finetune_file, predict_file
+from .vae_models import SCVIModel, TOTALVIModel
 
-__all__ = ["Annotator", "FinetuneConfig", "annotate", "finetune_file", "fit", "predict_file"]
+__all__ = [
+    "Annotator",
+    "FinetuneConfig",
+    "Imputer",
+    "Integrator",
+    "ModalityPredictor",
+    "SCVIModel",
+    "TOTALVIModel",
+    "annotate",
+    "denoise",
+    "finetune_file",
+    "fit",
+    "integrate",
+    "predict_file",
+    "predict_modality",
+]

@@ -17,11 +17,20 @@ import pandas as pd
 import torch
 
 from atlasformer.model_zoo import CellTransformerForAnnotation
+from atlasformer.pretrain.convert import resolve_model
 from atlasformer.pretrain.export import export_model_folder, load_model_folder
 from atlasformer.tokenization import InputError
 from atlasformer.tokenization.anndata_io import check_obs_key
 
-from .common import build_task_model, iter_model_outputs, load_backbone, model_batch, run_model, split_cells, tokenize_for_model
+from .common import (
+    build_task_model,
+    iter_model_outputs,
+    load_backbone,
+    model_batch,
+    run_model,
+    split_cells,
+    tokenize_for_model,
+)
 from .config import FinetuneConfig
 from .fit import fit
 from .metrics import classification_metrics, plot_confusion_matrix
@@ -153,8 +162,8 @@ class Annotator:
 
     @classmethod
     def load(cls, folder, config: FinetuneConfig | None = None, **keys) -> Annotator:
-        """Load a fine-tuned annotation folder (see :meth:`save`)."""
-        model, tokenizer = load_model_folder(folder)
+        """Load a fine-tuned annotation folder or hub id (see :meth:`save`)."""
+        model, tokenizer = load_model_folder(resolve_model(folder))
         if not isinstance(model, CellTransformerForAnnotation):
             raise InputError(f"{folder}: not an annotation model (it is {type(model).__name__}).")
         annotator = cls(folder, config, **keys)

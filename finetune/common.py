@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from atlasformer.model_zoo import CellTransformer, CellTransformerConfig, CellTransformerForPretraining
-from atlasformer.model_zoo.hub import resolve_model_path
+from atlasformer.model_zoo import CellTransformer, CellTransformerConfig
+from atlasformer.pretrain.convert import resolve_model
 from atlasformer.pretrain.export import load_model_folder
 from atlasformer.tokenization import (
     CellTokenizer,
@@ -23,6 +23,8 @@ from atlasformer.tokenization import (
     build_vocab,
     collate,
     column_token_ids,
+    gene_keys,
+    iter_count_chunks,
     iter_tokenized,
     tokenize_anndata,
 )
@@ -37,7 +39,8 @@ def load_backbone(model: str | os.PathLike | None, cfg: FinetuneConfig, adatas: 
     if cfg.from_scratch or model is None:
         if not cfg.from_scratch:
             raise InputError("no --model given: pass a model folder or hub id, or fine-tune from scratch (from_scratch=true).")
-        vocab = build_vocab(adatas, gene_key=gene_key, specials=cfg.tokenizer.special_tokens)
+        vocab = build_vocab(adatas, gene_key=gene_key, specials=cfg.tokenizer.special_tokens,
+                            gene_id_mode=cfg.tokenizer.gene_id_mode, gene_table=cfg.tokenizer.gene_table)
         tokenizer = CellTokenizer(vocab, _with_seq_len(cfg.tokenizer, cfg.max_seq_len))
         config = CellTransformerConfig(
             vocab_size=len(vocab), n_bins=tokenizer.config.n_bins, pad_token_id=vocab.pad_id,
@@ -46,7 +49,7 @@ def load_backbone(model: str | os.PathLike | None, cfg: FinetuneConfig, adatas: 
             max_position_embeddings=tokenizer.config.max_seq_len + 1 if tokenizer.config.kind == "rank" else 0,
             value_head="none", **cfg.scratch_model)
         return None, tokenizer, config
-    pretrained, tokenizer = load_model_folder(resolve_model_path(model))
+    pretrained, tokenizer = load_model_folder(resolve_model(model))  # scGPT / Geneformer converted on the fly
     tokenizer = CellTokenizer(tokenizer.vocab, _with_seq_len(tokenizer.config, cfg.max_seq_len), tokenizer.gene_medians)
     backbone = pretrained.backbone if hasattr(pretrained, "backbone") else pretrained
     return backbone, tokenizer, CellTransformerConfig(**backbone.config.to_dict())
@@ -62,12 +65,7 @@ def build_task_model(model_cls, backbone: CellTransformer | None, config: CellTr
     task_config = CellTransformerConfig(**{**base, **head_config})
     model = model_cls(task_config)
     if backbone is not None:
-        state = backbone.state_dict()
-        if task_config.n_conditions != backbone.config.n_conditions:  # the task brings its own condition tokens
-            state = {k: v for k, v in state.items() if not k.startswith("embeddings.conditions.")}
-        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("embeddings.conditions.") for k in missing):
-            raise InputError(f"pretrained weights do not fit the task model (missing {missing[:5]}, unexpected {unexpected[:5]}).")
+        model.backbone.load_state_dict(backbone.state_dict())
     return model
 
 
@@ -133,6 +131,35 @@ def iter_model_outputs(model, adata: ad.AnnData, tokenizer: CellTokenizer, *, la
         if len(cells):
             per_cell = {k: np.asarray(v)[cells.cell_index] for k, v in (extra or {}).items()}
             yield cells.cell_index, run_model(model, cells, tokenizer, batch_size=batch_size, outputs=outputs, **per_cell)
+
+
+def read_counts(adata: ad.AnnData, layer: str | None = None, source: str = "data"):
+    """All of ``adata``'s counts as one checked float32 CSR matrix (read chunk by chunk; backed works)."""
+    import scipy.sparse as sp
+
+    return sp.vstack([chunk.counts for chunk in iter_count_chunks(adata, layer=layer, source=source)]).tocsr()
+
+
+def gene_report(adata: ad.AnnData, tokenizer: CellTokenizer, *, gene_key=None, source="data",
+                features: list[str] | None = None) -> dict:
+    """Print and return how ``adata``'s genes meet a fitted model: genes the model does not know (dropped), the
+    model's genes absent from the file (treated as not expressed) and, for ``features`` a task predicts per
+    gene, the ones the file lacks."""
+    keys = gene_keys(adata, gene_key, source=source)
+    ids = tokenizer.vocab.lookup(keys)
+    n_vocab = len(tokenizer.vocab) - len(tokenizer.config.special_tokens)
+    report = {"n_genes": len(keys), "n_genes_in_vocab": int((ids >= 0).sum()),
+              "n_vocab_genes_missing": int(n_vocab - len(set(ids[ids >= 0].tolist()))),
+              "unknown_genes_example": list(keys[ids < 0][:10])}
+    line = (f"{source}: {report['n_genes_in_vocab']}/{len(keys)} genes are in the model's vocabulary "
+            f"({len(keys) - report['n_genes_in_vocab']} dropped, e.g. {report['unknown_genes_example'][:5]}); "
+            f"{report['n_vocab_genes_missing']} of the model's {n_vocab} genes are absent and read as not expressed")
+    if features is not None:
+        missing = sorted(set(features) - set(keys))
+        report.update(n_features=len(features), n_features_missing=len(missing), features_missing_example=missing[:10])
+        line += f"; {len(missing)} of the {len(features)} genes the model predicts are not in this file"
+    print(line + ".")
+    return report
 
 
 def output_adata(adata: ad.AnnData, with_x: bool = False) -> ad.AnnData:

@@ -62,6 +62,14 @@ class FinetuneConfig:
     """Annotation: weight classes by inverse frequency, for imbalance."""
     unknown_threshold: float | None = None
     """Annotation: call "unknown" below this confidence (None: never)."""
+    mask_ratio: float = 0.4
+    """Integration: fraction of each cell's gene values masked for the masked-value objectives."""
+    dab_weight: float = 1.0
+    """Integration: weight of the adversarial batch discriminator's loss (scGPT's DAB)."""
+    adversary: Literal["confusion", "reversal"] = "confusion"
+    """Integration: encoder's adversarial objective, domain confusion or gradient reversal (scGPT's DAB)."""
+    likelihood: Literal["nb", "zinb"] = "nb"
+    """Imputation: negative binomial or zero-inflated negative binomial count likelihood."""
     seed: int = 0
     """Seed of initialisation, splits and batch order."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -76,5 +84,7 @@ class FinetuneConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.unknown_threshold is not None and not 0 < self.unknown_threshold < 1:
             raise ValueError("unknown_threshold must be in (0, 1)")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")

@@ -31,10 +31,8 @@ def apply_mode(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     """Full, frozen-backbone or LoRA training: sets ``requires_grad`` (and wraps with peft for LoRA)."""
     if cfg.mode == "full":
         return model
-    # a task may add backbone weights that pretraining never trained (integration's batch tokens): train those
-    new = tuple(getattr(model, "new_backbone_parameters", ()))
     for name, param in model.named_parameters():
-        param.requires_grad = not name.startswith("backbone.") or name.startswith(new)
+        param.requires_grad = not name.startswith("backbone.")
     if cfg.mode == "frozen":
         return model
     from peft import LoraConfig, inject_adapter_in_model

@@ -190,16 +190,18 @@ def scib_scores(embeddings: dict[str, np.ndarray], batch, labels, *, pre_integra
     adata = ad.AnnData(obs=obs)
     for name in names:
         adata.obsm[name] = np.asarray(embeddings[name], dtype=np.float32)
-    pre_key = None
-    if pre_integrated is not None:
-        adata.obsm["X_pre_integrated"] = np.asarray(pre_integrated, dtype=np.float32)
-        pre_key = "X_pre_integrated"
+    # without an unintegrated embedding the Benchmarker would run PCA on an empty X: use the first embedding
+    pre = embeddings[names[0]] if pre_integrated is None else pre_integrated
+    adata.obsm["X_pre_integrated"] = np.asarray(pre, dtype=np.float32)
+    pre_key = "X_pre_integrated"
     bio_fields = set(BioConservation.__dataclass_fields__)
     bio = BioConservation(**{k: False for k in disable if k in bio_fields})
     batch_corr = BatchCorrection(**{k: False for k in disable if k not in bio_fields})
     bench = Benchmarker(adata, batch_key="batch", label_key="labels", embedding_obsm_keys=names,
                         bio_conservation_metrics=bio, batch_correction_metrics=batch_corr,
                         pre_integrated_embedding_obsm_key=pre_key, n_jobs=n_jobs, progress_bar=False)
+    # exact neighbours from scikit-learn: pynndescent's numba compilation costs a minute per process
+    bench.prepare(neighbor_computer=exact_neighbors if adata.n_obs <= 50_000 else None)
     bench.benchmark()
     table = bench.get_results(min_max_scale=False, clean_names=False)
     table = table.drop(index="Metric Type")
@@ -209,3 +211,27 @@ def scib_scores(embeddings: dict[str, np.ndarray], batch, labels, *, pre_integra
         row = table.loc[name]
         methods[name] = {aggregates.get(col, col): float(row[col]) for col in table.columns}
     return {"methods": methods, "disabled": sorted(disable)}
+
+
+def exact_neighbors(x: np.ndarray, k: int):
+    """scib-metrics ``NeighborsResults`` from scikit-learn's exact k-nearest neighbours (self included)."""
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, indices = NearestNeighbors(n_neighbors=min(k, len(x))).fit(x).kneighbors(x)
+    return NeighborsResults(indices=indices, distances=distances)
+
+
+def batch_mixing_entropy(embedding: np.ndarray, batch, k: int = 15) -> float:
+    """Mean entropy of the batch labels among each cell's k nearest neighbours, over log(n batches): 1 = mixed."""
+    from sklearn.neighbors import NearestNeighbors
+
+    codes = np.unique(np.asarray(batch).astype(str), return_inverse=True)[1]
+    n_batches = codes.max() + 1
+    if n_batches < 2 or len(codes) < 2:
+        return 0.0
+    indices = NearestNeighbors(n_neighbors=min(k + 1, len(codes))).fit(embedding).kneighbors(embedding)[1][:, 1:]
+    counts = np.stack([(codes[indices] == b).sum(1) for b in range(n_batches)], 1) / indices.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(counts > 0, counts * np.log(counts), 0.0).sum(1)
+    return float(entropy.mean() / np.log(n_batches))

@@ -35,6 +35,7 @@ from atlasformer.tokenization.anndata_io import check_obs_key, count_matrix, to_
 
 from .config import FinetuneConfig
 from .fit import fit
+from .metrics import clr
 
 
 def max_epochs_heuristic(n_cells: int, cap: int = 400) -> int:
@@ -85,10 +86,10 @@ def batch_codes(obs: pd.DataFrame, batch_key: str | None, categories: list[str] 
     return codes.astype(np.int64)
 
 
-def clr(counts: np.ndarray) -> np.ndarray:
-    """Per-cell centred log ratio on log1p counts: ``log1p(x) - mean over features of log1p(x)``."""
-    logged = np.log1p(np.asarray(counts, dtype=np.float64))
-    return logged - logged.mean(axis=1, keepdims=True)
+def on_device(inputs: dict, module: torch.nn.Module) -> dict:
+    """Move a batch's tensors to the module's device (training may have put it on a GPU)."""
+    device = next(module.parameters()).device
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 class _VAEModel:
@@ -154,7 +155,7 @@ class _VAEModel:
         """Mean negative ELBO (KL weight 1) per cell over ``rows``, in eval mode."""
         total = 0.0
         for start in range(0, len(rows), batch_size):
-            inputs = make_inputs(rows[start : start + batch_size], 1.0)
+            inputs = on_device(make_inputs(rows[start : start + batch_size], 1.0), module)
             total += float(module(**inputs).extras["elbo"].sum())
         return total / max(len(rows), 1)
 
@@ -239,10 +240,10 @@ class SCVIModel(_VAEModel):
         self.genes = list(genes) if genes is not None else None
         self.n_epochs_kl_warmup = n_epochs_kl_warmup
 
-    def _inputs(self, counts: sp.csr_matrix, codes: np.ndarray, device="cpu"):
+    def _inputs(self, counts: sp.csr_matrix, codes: np.ndarray):
         def make_inputs(rows, kl_weight):
-            return {"x": torch.from_numpy(counts[rows].toarray()).to(device),
-                    "batch_index": torch.from_numpy(codes[rows, None]).to(device),
+            return {"x": torch.from_numpy(counts[rows].toarray()),
+                    "batch_index": torch.from_numpy(codes[rows, None]),
                     "kl_weight": torch.tensor(float(kl_weight))}
         return make_inputs
 
@@ -269,23 +270,24 @@ class SCVIModel(_VAEModel):
         make_inputs = self._inputs(counts, codes)
         self.module.eval()
         with torch.no_grad():
-            parts = [fn(make_inputs(np.arange(s, min(s + chunk, adata.n_obs)), 1.0)) for s in range(0, adata.n_obs, chunk)]
+            parts = [fn(on_device(make_inputs(np.arange(s, min(s + chunk, adata.n_obs)), 1.0), self.module))
+                     for s in range(0, adata.n_obs, chunk)]
         return np.concatenate(parts).astype(np.float32)
 
     def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, n_latent) posterior means of z."""
-        return self._apply(adata, lambda inp: self.module.encode(inp["x"], inp["batch_index"]).loc.numpy(), source)
+        return self._apply(adata, lambda inp: self.module.encode(inp["x"], inp["batch_index"]).loc.cpu().numpy(), source)
 
     def predict(self, adata: ad.AnnData, source: str = "data", transform_batch: str | None = None) -> np.ndarray:
         """(cells, genes) expected expression proportions (rows sum to 1), optionally as if in ``transform_batch``."""
         batch = None if transform_batch is None else self.batches.index(str(transform_batch))
         return self._apply(adata, lambda inp: self.module.normalized_expression(
-            inp["x"], inp["batch_index"], transform_batch=batch).numpy(), source)
+            inp["x"], inp["batch_index"], transform_batch=batch).cpu().numpy(), source)
 
     def reconstruction_loss(self, adata: ad.AnnData, source: str = "data") -> float:
         """Mean per-cell -log p(x | z), z sampled from q(z | x) (scvi-tools' ``get_reconstruction_error``)."""
         torch.manual_seed(self.seed)
-        per_cell = self._apply(adata, lambda inp: self.module(**inp).extras["reconstruction"].numpy(), source)
+        per_cell = self._apply(adata, lambda inp: self.module(**inp).extras["reconstruction"].cpu().numpy(), source)
         return float(per_cell.mean())
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = "scvi", source: str = "data") -> None:
@@ -415,11 +417,11 @@ class TOTALVIModel(_VAEModel):
         parts = {"latent": [], "gene_scale": [], "protein": []}
         with torch.no_grad():
             for start in range(0, adata.n_obs, chunk):
-                inp = make_inputs(np.arange(start, min(start + chunk, adata.n_obs)), 1.0)
-                parts["latent"].append(self.module.encode(inp["x"], inp["y"], inp["batch_index"]).loc.numpy())
+                inp = on_device(make_inputs(np.arange(start, min(start + chunk, adata.n_obs)), 1.0), self.module)
+                parts["latent"].append(self.module.encode(inp["x"], inp["y"], inp["batch_index"]).loc.cpu().numpy())
                 out = self.module.predict(inp["x"], inp["y"], inp["batch_index"], transform_batch=batch)
-                parts["gene_scale"].append(out["gene_scale"].numpy())
-                parts["protein"].append(out["protein"].numpy())
+                parts["gene_scale"].append(out["gene_scale"].cpu().numpy())
+                parts["protein"].append(out["protein"].cpu().numpy())
         return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
     def embed(self, adata: ad.AnnData, protein: ad.AnnData | None = None, source: str = "data") -> np.ndarray:
@@ -437,7 +439,7 @@ class TOTALVIModel(_VAEModel):
         """``obsm['X_<key_added>']``, ``obsm['protein_predicted']`` (CLR) and ``uns['protein_predicted_names']``."""
         out = self._predict_all(adata, protein, source)
         target.obsm[f"X_{key_added}"] = out["latent"]
-        target.obsm["protein_predicted"] = clr(out["protein"]).astype(np.float32)
+        target.obsm["protein_predicted"] = clr(out["protein"])
         target.uns["protein_predicted_names"] = np.asarray(self.proteins, dtype=object)
 
     def plots(self, output: Path) -> list[Path]:

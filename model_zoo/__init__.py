@@ -17,6 +17,7 @@ from .task_heads import (
     CellTransformerForIntegration,
     CellTransformerForModality,
 )
+from .vae import SCVIConfig, SCVIModule, TOTALVIConfig, TOTALVIModule
 
 __all__ = [
     "CellModelOutput",
@@ -28,6 +29,10 @@ __all__ = [
     "CellTransformerForModality",
     "CellTransformerForPretraining",
     "CheckpointError",
+    "SCVIConfig",
+    "SCVIModule",
+    "TOTALVIConfig",
+    "TOTALVIModule",
     "atomic_folder",
     "count_parameters",
     "load_model",

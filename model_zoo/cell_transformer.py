@@ -88,7 +88,7 @@ class CellTransformerConfig(PretrainedConfig):
         embedding_norm: bool = True,
         max_position_embeddings: int = 0,
         n_conditions: int = 0,
-        pooling: Literal["cls", "mean"] = "cls",
+        pooling: Literal["cls", "mean"] = "mean",
         value_head: Literal["bins", "mse", "none"] = "bins",
         gene_head: bool = False,
         gene_head_activation: Literal["relu", "gelu"] = "gelu",
@@ -220,6 +220,9 @@ class CellEmbeddings(nn.Module):
             value_emb = self.values(v)  # (batch, seq, d_model)
             x = x + (self.dropout(value_emb) if self.dropout_values_only else value_emb)
         if self.positions is not None:
+            if input_ids.shape[1] > self.positions.num_embeddings:
+                raise ValueError(f"{input_ids.shape[1]} tokens exceed the model's {self.positions.num_embeddings} "
+                                 f"positions; use max_seq_len <= {self.positions.num_embeddings - 1}.")
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
             x = x + self.positions(pos)[None]
         if self.conditions is not None and conditions is not None:

@@ -4,6 +4,9 @@ A model folder (see docs/formats.md) holds the model's ``config.json`` + ``model
 the tokenizer's files, plus ``atlasformer.json`` (format version, atlasformer version, run config and
 the SHA-256 of every file) and a ``README.md`` model card. The manifest and card are written by the
 code that exports a folder; this module only knows files and torch modules, never AnnData.
+
+Hub ids (``org/name``) resolve through huggingface_hub's cache, revisions and ``HF_HUB_OFFLINE``
+(:func:`resolve_model_path`); :func:`push_model_folder` validates a folder and uploads it (docs/hub.md).
 """
 
 from __future__ import annotations
@@ -213,8 +216,10 @@ def _subfolder(root: Path, subfolder: str | None, name: str) -> Path:
         return root
     target = root / subfolder
     if not target.is_dir():
-        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        raise CheckpointError(f"{name}: has no subfolder {subfolder!r}; its folders: {found[:20]}.")
+        # folders that look like models (config.json, or scGPT's args.json) are the useful suggestions
+        found = sorted({str(p.parent.relative_to(root)) for pattern in ("config.json", "args.json")
+                        for p in root.rglob(pattern) if not any(s.startswith(".") for s in p.relative_to(root).parts)})
+        raise CheckpointError(f"{name}: has no subfolder {subfolder!r}; model folders in it: {found[:20]}.")
     return target
 
 
@@ -236,8 +241,10 @@ def _snapshot(repo_id: str, revision: str | None, subfolder: str | None, extra_p
     except LocalEntryNotFoundError as err:
         fetch = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
         reason = "HF_HUB_OFFLINE=1 forbids downloads" if offline else "the hub could not be reached"
+        incomplete = type(err).__name__ == "IncompleteSnapshotError"  # a cached copy with files missing
         raise CheckpointError(
-            f"{repo_id}{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}. "
+            f"{repo_id}{at}: {'only partly' if incomplete else 'not'} in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and {reason}. "
             f"Fetch it once with network access (`{fetch}`, or huggingface_hub.snapshot_download({repo_id!r})) "
             "and run again, or pass a local model folder."
         ) from err

@@ -68,116 +68,7 @@ class CellTransformerForAnnotation(CellTransformerPreTrainedModel):
         return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=out.cell_embedding)
 
 
-# ------------------------------------------------------------------------------------------ integration
-class GradientReversal(torch.autograd.Function):
-    """Identity forward; gradient multiplied by ``-scale`` backward (Ganin & Lempitsky 2015, scGPT's DAB)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.scale * grad, None
-
-
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    return GradientReversal.apply(x, scale)
-
-
-class ConditionalCellDecoder(nn.Module):
-    """scGPT's MVC decoder with batch labels: value of gene g = <sigmoid(W g_emb), V [cell_emb; batch_emb]>.
-
-    Predicting masked values from the cell embedding keeps biology in it, while the batch embedding
-    lets the decoder explain batch effects that the embedding is pushed to drop.
-    """
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.gene_query = nn.Linear(d_model, d_model)
-        self.cell_key = nn.Linear(2 * d_model, d_model)
-
-    def forward(self, gene_embedding, cell_embedding, batch_embedding) -> torch.Tensor:
-        query = torch.sigmoid(self.gene_query(gene_embedding))  # (batch, seq, d_model)
-        key = self.cell_key(torch.cat([cell_embedding, batch_embedding], -1))  # (batch, d_model)
-        return torch.einsum("bsd,bd->bs", query, key)  # (batch, seq)
-
-
-class CellTransformerForIntegration(CellTransformerPreTrainedModel):
-    """Batch-invariant cell embeddings: masked-value objectives plus an adversarial batch discriminator.
-
-    Batches are condition tokens (``config.batch_names``; id ``len(batch_names)`` is "unknown batch",
-    used for cells of batches not seen in training and, during training, for a random fraction of cells).
-    Loss terms: ``masked_value`` (token outputs predict their masked values), ``cell_value`` (the cell
-    embedding and the batch embedding predict them, scGPT's GEPC), and ``adversarial`` (a batch
-    discriminator on the gradient-reversed cell embedding, scGPT's DAB, weighted by ``dab_weight``).
-    """
-
-    # the batch-token table is new even on a pretrained backbone: frozen and LoRA modes train it too
-    new_backbone_parameters = ("backbone.embeddings.conditions.",)
-
-    def __init__(self, config: CellTransformerConfig):
-        super().__init__(config)
-        names = getattr(config, "batch_names", None)
-        if not names:
-            raise ValueError("an integration model needs config.batch_names (the training batches)")
-        if config.n_conditions != len(names) + 1:
-            raise ValueError(f"n_conditions must be len(batch_names) + 1 (the unknown batch), got {config.n_conditions}")
-        if config.value_head not in ("bins", "mse"):
-            raise ValueError("integration needs value_head 'bins' or 'mse' (a model that embeds expression values)")
-        config.task = "integration"
-        self.backbone = CellTransformer(config)
-        self.value_head = ValueHead(config)
-        self.cell_decoder = ConditionalCellDecoder(config.d_model)
-        self.batch_discriminator = ClassifierHead(config.d_model, len(names), dropout=config.dropout)
-        self.post_init()
-
-    @property
-    def unknown_batch_id(self) -> int:
-        return len(self.config.batch_names)
-
-    def value_scale(self) -> float:
-        """Divide bin ids by this so the cell decoder's MSE is on a unit scale."""
-        return float(self.config.n_bins - 1) if self.config.value_head == "bins" else 1.0
-
-    def forward(
-        self,
-        input_ids,
-        values=None,
-        attention_mask=None,
-        conditions=None,
-        value_targets: torch.Tensor | None = None,
-        target_mask: torch.Tensor | None = None,
-        batch_labels: torch.Tensor | None = None,
-        **unused,
-    ) -> CellModelOutput:
-        if conditions is None:
-            conditions = torch.full(input_ids.shape[:1], self.unknown_batch_id, dtype=torch.long, device=input_ids.device)
-        out = self.backbone(input_ids, values, attention_mask, conditions)
-        hidden, cell = out.hidden_states, out.cell_embedding  # (batch, seq, d_model), (batch, d_model)
-        batch_logits = self.batch_discriminator(grad_reverse(cell, getattr(self.config, "grl_scale", 1.0)))
-        terms: dict[str, torch.Tensor] = {}
-        if value_targets is not None and target_mask is not None:
-            logits = self.value_head(hidden)
-            if self.config.value_head == "bins":
-                per_token = F.cross_entropy(logits.float().transpose(1, 2), value_targets.long(), reduction="none")
-            else:
-                per_token = (logits.float() - value_targets.float()) ** 2
-            terms["masked_value"] = masked_sum_loss(per_token, target_mask, None)
-            gene_emb = self.backbone.embeddings.gene_embedding(input_ids)  # (batch, seq, d_model)
-            batch_emb = self.backbone.embeddings.conditions(conditions)  # (batch, d_model)
-            pred = self.cell_decoder(gene_emb, cell, batch_emb).float()
-            per_token = (pred - value_targets.float() / self.value_scale()) ** 2
-            terms["cell_value"] = masked_sum_loss(per_token, target_mask, None)
-        if batch_labels is not None:
-            adversarial = F.cross_entropy(batch_logits.float(), batch_labels.long())
-            terms["adversarial"] = getattr(self.config, "dab_weight", 1.0) * adversarial
-        loss = sum(terms.values()) if terms else None
-        return CellModelOutput(loss=loss, loss_terms=terms, logits=batch_logits, cell_embedding=cell, extras={})
-
-
-# ------------------------------------------------------------------------------------------ imputation
+# ------------------------------------------------------------------------------------------ count decoders
 def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Log-likelihood of counts ``x`` under NB(mean ``mu``, inverse dispersion ``theta``), as scvi-tools."""
     log_theta_mu = torch.log(theta + mu + eps)
@@ -198,22 +89,136 @@ def log_zinb_positive(x, mu, theta, pi_logits, eps: float = 1e-8) -> torch.Tenso
 
 
 class ExpressionDecoder(nn.Module):
-    """From [cell embedding, log library size] to every gene's share of the library, NB dispersion per gene."""
+    """From a cell's representation and log library size to every gene's share of the library (softmax),
+    with a per-gene NB inverse dispersion and, for ZINB, per-entry zero-inflation logits."""
 
-    def __init__(self, d_model: int, n_genes: int, hidden: int, zero_inflated: bool, dropout: float = 0.1):
+    def __init__(self, d_in: int, n_genes: int, hidden: int, zero_inflated: bool = False, dropout: float = 0.1):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_model + 1, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.net = nn.Sequential(nn.Linear(d_in + 1, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout))
         self.scale = nn.Linear(hidden, n_genes)
         self.zero_logits = nn.Linear(hidden, n_genes) if zero_inflated else None
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
 
-    def forward(self, cell_embedding: torch.Tensor, log_library: torch.Tensor):
-        h = self.net(torch.cat([cell_embedding, log_library[:, None].to(cell_embedding.dtype)], -1))  # (batch, hidden)
+    def forward(self, representation: torch.Tensor, log_library: torch.Tensor):
+        h = self.net(torch.cat([representation, log_library[:, None].to(representation.dtype)], -1))  # (batch, hidden)
         proportions = self.scale(h).float().softmax(-1)  # (batch, genes)
         zero_logits = self.zero_logits(h).float() if self.zero_logits is not None else None
         return proportions, zero_logits
 
+    def nll(self, counts: torch.Tensor, proportions: torch.Tensor, library: torch.Tensor, zero_logits=None) -> torch.Tensor:
+        """Negative log-likelihood of ``counts`` (batch, genes), averaged over cells and genes."""
+        mu = proportions * library[:, None]  # (batch, genes)
+        theta = self.log_theta.float().exp()[None]
+        ll = (log_nb_positive(counts.float(), mu, theta) if zero_logits is None
+              else log_zinb_positive(counts.float(), mu, theta, zero_logits))
+        return -ll.mean()
 
+
+# ------------------------------------------------------------------------------------------ integration
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; gradient multiplied by ``-scale`` backward (Ganin & Lempitsky 2015, scGPT's DAB)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return GradientReversal.apply(x, scale)
+
+
+class CellTransformerForIntegration(CellTransformerPreTrainedModel):
+    """Batch-invariant cell embeddings: masked-value objectives plus an adversarial batch discriminator.
+
+    Batches (``config.batch_names``) are tokens given to the decoders, as scGPT's ``use_batch_labels``:
+    the decoders can explain batch effects, so the encoder's cell embedding need not carry them, and it
+    needs no batch at inference (new batches embed as seen ones). Loss terms:
+
+    - ``masked_value``: token outputs plus the batch embedding predict the masked values (bins or log1p);
+    - ``expression``: the cell embedding plus the batch embedding predict the counts of the genes in
+      ``config.feature_names`` (highly variable genes) under a negative binomial, so biology stays in the
+      embedding (as scVI's conditional decoder);
+    - ``discriminator`` / ``adversarial``: a batch discriminator on the cell embedding and the encoder's
+      adversarial term, weighted by ``config.dab_weight``; ``config.adversary`` chooses gradient reversal
+      (scGPT's DAB) or domain confusion (see :meth:`adversarial_terms`).
+    """
+
+    def __init__(self, config: CellTransformerConfig):
+        super().__init__(config)
+        names = getattr(config, "batch_names", None)
+        genes = getattr(config, "feature_names", None)
+        if not names or not genes:
+            raise ValueError("an integration model needs config.batch_names and config.feature_names")
+        if config.value_head not in ("bins", "mse"):
+            raise ValueError("integration needs value_head 'bins' or 'mse' (a model that embeds expression values)")
+        config.task = "integration"
+        d = config.d_model
+        self.backbone = CellTransformer(config)
+        self.batch_embedding = nn.Embedding(len(names), d)
+        self.value_head = ValueHead(config)
+        self.decoder = ExpressionDecoder(2 * d, len(genes), getattr(config, "decoder_hidden", 4 * d), dropout=config.dropout)
+        self.batch_discriminator = ClassifierHead(d, len(names), dropout=config.dropout)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids,
+        values=None,
+        attention_mask=None,
+        conditions=None,
+        batch_labels: torch.Tensor | None = None,
+        value_targets: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        **unused,
+    ) -> CellModelOutput:
+        out = self.backbone(input_ids, values, attention_mask, conditions)
+        hidden, cell = out.hidden_states, out.cell_embedding  # (batch, seq, d_model), (batch, d_model)
+        reversal = getattr(self.config, "adversary", "confusion") == "reversal"
+        batch_logits = self.batch_discriminator(grad_reverse(cell, getattr(self.config, "grl_scale", 1.0)) if reversal
+                                                else cell.detach())
+        terms: dict[str, torch.Tensor] = {}
+        if batch_labels is not None:
+            batch_emb = self.batch_embedding(batch_labels.long())  # (batch, d_model)
+            if value_targets is not None and target_mask is not None:
+                logits = self.value_head(hidden + batch_emb[:, None, :])
+                if self.config.value_head == "bins":
+                    per_token = F.cross_entropy(logits.float().transpose(1, 2), value_targets.long(), reduction="none")
+                else:
+                    per_token = (logits.float() - value_targets.float()) ** 2
+                terms["masked_value"] = masked_sum_loss(per_token, target_mask, None)
+            if counts is not None:
+                library = counts.float().sum(-1).clamp(min=1.0)  # (batch,)
+                proportions, _ = self.decoder(torch.cat([cell, batch_emb], -1), torch.log(library))
+                terms["expression"] = self.decoder.nll(counts, proportions, library)
+            terms.update(self.adversarial_terms(cell, batch_logits, batch_labels.long()))
+        loss = sum(terms.values()) if terms else None
+        return CellModelOutput(loss=loss, loss_terms=terms, logits=batch_logits, cell_embedding=cell, extras={})
+
+    def adversarial_terms(self, cell, batch_logits, batch_labels) -> dict[str, torch.Tensor]:
+        """The discriminator learns to tell batches apart; the encoder is trained to defeat it.
+
+        ``reversal`` (scGPT's DAB): one cross-entropy, whose gradient the reversal layer flips for the
+        encoder. ``confusion`` (default): the discriminator learns on the detached embedding, and the
+        encoder is pushed towards a uniform batch posterior under the current (frozen) discriminator, which
+        removes batch information instead of rewarding a confidently wrong discriminator (measured on
+        cellbench_lung_lines_5batches, see docs/finetune.md).
+        """
+        weight = getattr(self.config, "dab_weight", 1.0)
+        discriminator = F.cross_entropy(batch_logits.float(), batch_labels)
+        if getattr(self.config, "adversary", "confusion") == "reversal":
+            return {"adversarial": weight * discriminator}
+        frozen = {k: v.detach() for k, v in self.batch_discriminator.named_parameters()}
+        logits = torch.func.functional_call(self.batch_discriminator, frozen, (cell,)).float()  # (batch, n_batches)
+        return {"discriminator": discriminator, "adversarial": weight * -logits.log_softmax(-1).mean()}
+
+
+# ------------------------------------------------------------------------------------------ imputation
 class CellTransformerForImputation(CellTransformerPreTrainedModel):
     """Denoising: expected counts of every gene in ``config.feature_names`` from the cell embedding and library.
 
@@ -245,11 +250,7 @@ class CellTransformerForImputation(CellTransformerPreTrainedModel):
         proportions, zero_logits = self.decoder(out.cell_embedding, torch.log(library))
         terms = {}
         if counts is not None:
-            mu = proportions * library[:, None]  # (batch, genes)
-            theta = self.decoder.log_theta.float().exp()[None]
-            ll = (log_nb_positive(counts.float(), mu, theta) if zero_logits is None
-                  else log_zinb_positive(counts.float(), mu, theta, zero_logits))
-            terms[getattr(self.config, "likelihood", "nb")] = -ll.mean()
+            terms[getattr(self.config, "likelihood", "nb")] = self.decoder.nll(counts, proportions, library, zero_logits)
         loss = sum(terms.values()) if terms else None
         return CellModelOutput(loss=loss, loss_terms=terms, cell_embedding=out.cell_embedding,
                                extras={"proportions": proportions})

@@ -44,7 +44,7 @@ def log_zinb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi
     case_zero = F.softplus(pi_theta_log) - softplus_neg
     case_non_zero = (-softplus_neg + pi_theta_log + x * (torch.log(mu + eps) - log_theta_mu)
                      + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
-    return torch.where(x < eps, case_zero, case_non_zero)
+    return torch.where(x < EPS, case_zero, case_non_zero)  # counts: zero vs positive, whatever eps
 
 
 def log_nb_mixture(x: torch.Tensor, mu_background: torch.Tensor, mu_foreground: torch.Tensor, theta: torch.Tensor,

@@ -143,7 +143,11 @@ def load_checkpoint(engine, model, optimizer, scheduler, order, folder: Path) ->
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest complete checkpoints, and stale temporary folders."""
+    """Delete all but the ``keep_last`` newest complete checkpoints.
+
+    The temporary folder of an interrupted save is left alone: it never counts as a checkpoint, and it
+    is replaced when that step is saved again.
+    """
     root = checkpoint_dir(run_dir)
     steps = sorted(
         (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / MARKER).exists()
@@ -151,3 +155,22 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     for _, path in steps[: max(0, len(steps) - keep_last)]:
         (path / MARKER).unlink()  # first unmark, so a crash mid-delete never leaves a "complete" partial folder
         shutil.rmtree(path)
+
+
+def weights_only_deepspeed_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``.
+
+    Only DeepSpeed's plain data classes found in its ZeRO files (a stage enum, loss-scaler state,
+    fragment addresses) are allowed besides tensors and builtins.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from atlasformer.tokenization import TokenizerConfig
+from atlasformer.tokenization import LoaderConfig, TokenizerConfig
 
 
 @dataclass(frozen=True)
@@ -13,13 +13,15 @@ class PretrainConfig:
     """A pretraining run."""
 
     data: tuple[str, ...] = ()
-    """h5ad files or folders of them (raw counts)."""
+    """h5ad files or folders of them (raw counts), or one corpus folder built by `atlasformer tokenize`."""
     output: str = "runs/pretrain"
     """Run folder: checkpoints/, model/ (the exported model folder), metrics.jsonl, config.yaml."""
     model: dict[str, Any] = field(default_factory=dict)
     """CellTransformerConfig fields (architecture); vocab_size and n_bins are derived from the tokenizer."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    """How cells are tokenized."""
+    """How cells are tokenized (a corpus brings its own tokenizer)."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """How a corpus is streamed: block and shuffle-buffer sizes, length grouping, DataLoader workers."""
     layer: str | None = None
     """Counts from this layer instead of X."""
     gene_key: str | None = None

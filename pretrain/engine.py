@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import weights_only_deepspeed_checkpoint_engine
+
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets; fp32 means TF32,
@@ -139,6 +141,9 @@ class BaseEngine:
     micro_batch_size: int = 1
     device: torch.device = field(init=False)
     strategy: ClassVar[str] = ""
+    _uses_autocast: ClassVar[bool] = True
+    fused_optimizer: ClassVar[bool] = True
+    """AdamW's fused kernel: on CUDA, and on CPU (torch >= 2.4), where it is ~2.5x faster than the default."""
 
     def __post_init__(self):
         self.device = self._start()
@@ -167,11 +172,6 @@ class BaseEngine:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def fused_optimizer(self) -> bool:
-        """Whether the optimizer may use the fused CUDA AdamW kernel."""
-        return self.device.type == "cuda"
 
     # ---------------------------------------------------------------- model preparation
     def _apply_model_options(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -210,8 +210,6 @@ class BaseEngine:
             stack.enter_context(torch.autocast(self.device.type, dtype=DTYPES[self.precision]))
         stack.enter_context(sdpa_context(self.sdpa_backend))
         return stack
-
-    _uses_autocast: ClassVar[bool] = True
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -478,9 +476,6 @@ class DeepSpeedEngine(BaseEngine):
                                      world_size=self.world_size, clip_grad=self.clip_grad, precision=self.precision,
                                      zero_stage=self.zero_stage, offload=self.offload, source=path or "defaults")
 
-    @property
-    def fused_optimizer(self) -> bool:
-        return self.device.type == "cuda" and not self.ds_config["zero_optimization"].get("offload_optimizer")
 
     def prepare(self, model, optimizer):
         import deepspeed
@@ -490,7 +485,7 @@ class DeepSpeedEngine(BaseEngine):
         if not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(list(model.parameters()))
         self._model, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        self._model.checkpoint_engine = _weights_only_checkpoint_engine()
+        self._model.checkpoint_engine = weights_only_deepspeed_checkpoint_engine()
         # the loop's LR schedule drives the client optimizer, whose param groups ZeRO keeps using
         return self._model, optimizer
 
@@ -576,25 +571,6 @@ def fill_deepspeed_config(config: dict, *, micro_batch_size: int, grad_accum: in
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config
-
-
-def _weights_only_checkpoint_engine():
-    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``.
-
-    Only DeepSpeed's plain data classes found in its ZeRO files (a stage enum, loss-scaler state,
-    fragment addresses) are allowed besides tensors and builtins.
-    """
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return WeightsOnlyCheckpointEngine()
 
 
 ENGINES: dict[str, type[BaseEngine]] = {"ddp": Engine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}

@@ -10,18 +10,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from atlasformer.model_zoo import CheckpointError, atomic_folder, count_parameters, load_model, write_manifest
 from atlasformer.tokenization import CellTokenizer
 
 
-def model_card(model, tokenizer: CellTokenizer, run_config: dict, summary: dict | None = None) -> str:
-    """A README.md for the model folder: architecture, parameters, tokenizer, corpus, objectives."""
+def model_card(model, tokenizer: CellTokenizer, run_config: dict, summary: dict | None = None,
+               benchmark: list[dict] | None = None) -> str:
+    """A README.md for the model folder: architecture, parameters, tokenizer, corpus, objectives, benchmark,
+    licence and provenance (``run_config["license"]``, ``run_config["converted_from"]``)."""
     cfg = model.config
     summary = summary or {}
     lines = [
         "---",
         "library_name: atlasformer",
-        "license: apache-2.0",
+        f"license: {run_config.get('license', 'apache-2.0')}",
         "tags: [single-cell, transcriptomics, atlasformer]",
         "---",
         f"# atlasformer {type(model).__name__}",
@@ -48,17 +52,58 @@ def model_card(model, tokenizer: CellTokenizer, run_config: dict, summary: dict 
     if summary:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
-    lines += ["", "## Licence and provenance", "Trained with atlasformer; see atlasformer.json for the run config and checksums.", ""]
+    lines += benchmark_table(benchmark)
+    lines += ["", "## Licence and provenance", *provenance_lines(run_config), ""]
     return "\n".join(lines)
 
 
-def export_model_folder(model, tokenizer: CellTokenizer, output: str | Path, run_config: dict, summary: dict | None = None) -> Path:
-    """Write model + tokenizer + manifest + card into ``output`` atomically (temporary folder, then rename)."""
+def benchmark_table(rows: list[dict] | None) -> list[str]:
+    """Markdown table of benchmark rows (FORMATS.md results.json), mean and spread over seeds."""
+    if not rows:
+        return []
+    import pandas as pd
+
+    frame = pd.DataFrame([r for r in rows if "fold" not in r])
+    stats = frame.groupby(["task", "dataset", "method", "metric"], sort=True)["value"].agg(["mean", "std", "count"])
+    lines = ["", "## Benchmark", "", "| task | dataset | method | metric | mean | sd | seeds |", "|---|---|---|---|---|---|---|"]
+    for (task, dataset, method, metric), row in stats.iterrows():
+        sd = "" if pd.isna(row["std"]) else f"{row['std']:.4f}"
+        lines.append(f"| {task} | {dataset} | {method} | {metric} | {row['mean']:.4f} | {sd} | {int(row['count'])} |")
+    return lines
+
+
+def provenance_lines(run_config: dict) -> list[str]:
+    source = run_config.get("converted_from")
+    if not source:
+        return ["Trained with atlasformer; see atlasformer.json for the run config and checksums."]
+    lines = [
+        f"Converted by atlasformer from a {source['format']} checkpoint: `{source['source']}`"
+        + (f" (revision `{source['revision']}`)" if source.get("revision") else "")
+        + (f", subfolder `{source['subfolder']}`" if source.get("subfolder") else "") + ".",
+        f"Licence: {run_config.get('license_note', 'that of the source checkpoint')}.",
+        "",
+        "| source file | SHA-256 |",
+        "|---|---|",
+        *[f"| {name} | `{digest}` |" for name, digest in source.get("files", {}).items()],
+    ]
+    dropped = source.get("weights", {}).get("dropped", [])
+    if dropped:
+        lines += ["", f"Source weights not carried over ({len(dropped)}): " + ", ".join(f"`{k}`" for k in dropped[:20])]
+    return lines
+
+
+def export_model_folder(model, tokenizer: CellTokenizer, output: str | Path, run_config: dict, summary: dict | None = None,
+                        benchmark: list[dict] | None = None) -> Path:
+    """Write model + tokenizer + manifest + card into ``output`` atomically (temporary folder, then rename).
+
+    ``benchmark`` rows (the ``results.json`` of ``atlasformer benchmark``) become a table in the card.
+    """
     output = Path(output)
     with atomic_folder(output) as tmp:
+        hf_logging.disable_progress_bar()  # one shard: a progress bar per export is noise
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save(tmp)
-        (tmp / "README.md").write_text(model_card(model, tokenizer, run_config, summary))
+        (tmp / "README.md").write_text(model_card(model, tokenizer, run_config, summary, benchmark))
         if summary:
             (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
         write_manifest(tmp, run_config)

@@ -16,19 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
 from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining, count_parameters
 from atlasformer.model_zoo.cell_transformer import training_flops
 from atlasformer.tokenization import (
     BatchOrder,
     CellTokenizer,
+    Corpus,
+    CorpusLoader,
     InputError,
     TokenizedCells,
     build_vocab,
     collate,
+    is_corpus,
     open_inputs,
     tokenize_anndata,
 )
-from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
@@ -87,6 +91,25 @@ def load_cells(cfg: PretrainConfig, tokenizer: CellTokenizer, inputs, log) -> tu
         batches.append(condition_labels(data.obs, condition_keys(cfg), source, len(data.cells)))
     conditions, names = condition_ids(np.concatenate(batches), condition_keys(cfg))
     return TokenizedCells.concatenate(parts), conditions, names
+
+
+def load_corpus(cfg: PretrainConfig, rank: int, world_size: int, log):
+    """A corpus folder as ``--data``: its tokenizer, this rank's streaming loader, and held-out cells in memory.
+
+    Returns ``(tokenizer, loader, eval_cells, eval_conditions, condition_names)``.
+    """
+    corpus = Corpus(cfg.data[0])
+    tokenizer = corpus.tokenizer
+    if cfg.init_from and CellTokenizer.load(cfg.init_from).vocab != tokenizer.vocab:
+        raise InputError(f"{corpus.path} was tokenized with another vocabulary than {cfg.init_from}; rebuild it with "
+                         f"`atlasformer tokenize --model {cfg.init_from} ...`.")
+    loader = CorpusLoader(corpus, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size, config=cfg.loader,
+                          eval_fraction=cfg.eval_fraction, condition_keys=tuple(condition_keys(cfg)))
+    eval_cells, eval_conditions = loader.eval_cells(cfg.eval_batches * cfg.batch_size)
+    log(f"corpus {corpus.path}: {len(corpus):,} cells ({tokenizer.config.kind} tokens, {len(tokenizer.vocab):,} in the "
+        f"vocabulary), streamed in blocks of {cfg.loader.block_size} through a {cfg.loader.buffer_size:,}-cell shuffle "
+        f"buffer; {len(corpus) - loader.n_train_cells:,} cells held out, the first {len(eval_cells):,} evaluated")
+    return tokenizer, loader, eval_cells, eval_conditions, loader.condition_names
 
 
 def condition_keys(cfg: PretrainConfig) -> list[str]:
@@ -156,8 +179,22 @@ def make_batch(cells: TokenizedCells, rows: np.ndarray, conditions: np.ndarray, 
     batch = collate(cells, rows, cls_id=tokenizer.vocab.cls_id, pad_id=tokenizer.vocab.pad_id)
     if model_config.n_conditions:
         batch["conditions"] = torch.from_numpy(conditions[rows])
+    return mask_for_model(batch, tokenizer, cfg, model_config, generator)
+
+
+def mask_for_model(batch, tokenizer: CellTokenizer, cfg: PretrainConfig, model_config, generator) -> dict[str, torch.Tensor]:
     return mask_batch(batch, mask_ratio=cfg.mask_ratio, mask_value=model_config.mask_value,
                       mask_token_id=tokenizer.vocab.mask_id, mask_genes=tokenizer.config.kind == "rank", generator=generator)
+
+
+def next_train_batch(order, cells, train_rows, conditions, tokenizer, cfg, model_config, generator) -> dict[str, torch.Tensor]:
+    """The next training micro-batch: streamed from a corpus, or gathered from the in-memory cells."""
+    if isinstance(order, CorpusLoader):
+        batch = order.next_batch()
+        if not model_config.n_conditions:
+            batch.pop("conditions", None)
+        return mask_for_model(batch, tokenizer, cfg, model_config, generator)
+    return make_batch(cells, train_rows[order.next()], conditions, tokenizer, cfg, model_config, generator)
 
 
 @torch.no_grad()
@@ -244,18 +281,24 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     log = Logger(run_dir, engine.is_main, cfg)
 
-    # data and tokenizer
-    inputs = _open(cfg)
-    tokenizer = make_tokenizer(cfg, inputs)
-    cells, conditions, condition_names = load_cells(cfg, tokenizer, inputs, log)
-    train_rows, eval_rows = split_rows(len(cells), cfg.eval_fraction, cfg.seed)
+    # data and tokenizer: a corpus folder is streamed from disk; h5ad files are tokenized in memory
+    if len(cfg.data) == 1 and is_corpus(cfg.data[0]):
+        tokenizer, order, cells, conditions, condition_names = load_corpus(cfg, engine.rank, engine.world_size, log)
+        train_rows, eval_rows, n_train = None, np.arange(len(cells)), order.n_train_cells
+    else:
+        inputs = _open(cfg)
+        tokenizer = make_tokenizer(cfg, inputs)
+        cells, conditions, condition_names = load_cells(cfg, tokenizer, inputs, log)
+        train_rows, eval_rows = split_rows(len(cells), cfg.eval_fraction, cfg.seed)
+        n_train = len(train_rows)
+        order = BatchOrder(n_train, cfg.batch_size, seed=cfg.seed, rank=engine.rank, world_size=engine.world_size)
 
     # model, optimizer, schedule
     model = make_model(cfg, tokenizer, len(condition_names))
     model.config.condition_names = condition_names
     model_config = model.config
     log(f"model: {count_parameters(model):,} parameters ({model_config.n_layers} layers, d_model {model_config.d_model}); "
-        f"{len(train_rows):,} training and {len(eval_rows):,} held-out cells; {engine.world_size} process(es) on {engine.device}")
+        f"{n_train:,} training and {len(eval_rows):,} held-out cells; {engine.world_size} process(es) on {engine.device}")
     # a factory: fsdp must build the optimizer over the sharded parameters
     model, optimizer = engine.prepare(model, lambda params: torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=engine.fused_optimizer))
@@ -264,7 +307,6 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
     peak, peak_source = peak_tflops(engine.device, cfg.precision, cfg.peak_tflops)
     log(f"strategy {cfg.strategy}, precision {cfg.precision}; MFU peak per device: "
         f"{f'{peak:.2f} TFLOP/s' if peak else 'none'} ({peak_source})")
-    order = BatchOrder(len(train_rows), cfg.batch_size, seed=cfg.seed, rank=engine.rank, world_size=engine.world_size)
 
     step = 0
     if checkpoint is not None:
@@ -281,8 +323,8 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
     tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
     while step < cfg.max_steps:
         micro_batches = [
-            make_batch(cells, train_rows[order.next()], conditions, tokenizer, cfg, model_config,
-                       step_generator(cfg.seed, step, micro * engine.world_size + engine.rank, 0))
+            next_train_batch(order, cells, train_rows, conditions, tokenizer, cfg, model_config,
+                             step_generator(cfg.seed, step, micro * engine.world_size + engine.rank, 0))
             for micro in range(cfg.grad_accum)
         ]
         # normalise by the global target count so N processes compute what one process would
@@ -316,6 +358,8 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["cells_per_s"] = cells_seen / elapsed
             metrics["tokens_per_s"] = tokens_all / elapsed
+            if isinstance(order, CorpusLoader):  # this rank's batches since the start (or the resumed position)
+                metrics["padded_fraction"] = order.padded_fraction
             if peak:
                 metrics["mfu"] = flops_all / elapsed / (peak * 1e12 * engine.world_size)
             if grad_norm is not None:
@@ -334,6 +378,8 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
             save_checkpoint(engine, model, optimizer, scheduler, order, run_dir, step, run_config, cfg.keep_last)
         bar.update(1)
     bar.close()
+    if isinstance(order, CorpusLoader):
+        order.close()  # stop its DataLoader workers
 
     model_dir = run_dir / "model"
     plain = engine.export_model(model)  # consolidated from the shards under fsdp / ZeRO

@@ -69,3 +69,18 @@ def test_only_atlasformer_is_installed_as_top_level(tmp_path):
             "if u.find_spec(n)]); import atlasformer.tokenization, atlasformer.finetune")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]"
+
+
+def test_wheel_installs_only_atlasformer(tmp_path):
+    """A normal (non-editable) install ships one top-level package, with configs and package data."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                    str(REPO)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("atlasformer-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"atlasformer"}, top
+    for required in ("atlasformer/cli.py", "atlasformer/tokenization/tokenizer.py", "atlasformer/model_zoo/cell_transformer.py",
+                     "atlasformer/pretrain/train.py", "atlasformer/finetune/fit.py", "atlasformer/configs/model/tiny.yaml"):
+        assert required in names, required

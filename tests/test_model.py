@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForAnnotation, CellTransformerForPretraining
+from atlasformer.model_zoo import (
+    CellTransformerConfig,
+    CellTransformerForAnnotation,
+    CellTransformerForPretraining,
+)
 from atlasformer.model_zoo.hub import CheckpointError, read_manifest
 from atlasformer.pretrain.export import export_model_folder, load_model_folder
 from atlasformer.tokenization import CellTokenizer, GeneVocab, TokenizerConfig

@@ -27,15 +27,11 @@ def collate(cells: TokenizedCells, rows: np.ndarray, *, cls_id: int, pad_id: int
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     values = np.zeros((len(rows), width), dtype=np.float32)
     input_ids[:, 0] = cls_id
-    # scatter every cell's tokens at once: column = 1 + position within the cell
-    row_of = np.repeat(np.arange(len(rows)), lengths)
+    # one contiguous slice copy per cell: ~7x faster than a 2-D fancy-index scatter (benchmarks/loader_throughput.py)
     starts = cells.offsets[rows]
-    first = np.zeros(len(rows), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=first[1:])
-    within = np.arange(int(lengths.sum())) - first[row_of]
-    source = starts[row_of] + within
-    input_ids[row_of, 1 + within] = cells.gene_ids[source]
-    values[row_of, 1 + within] = cells.values[source]
+    for i, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        input_ids[i, 1 : 1 + n] = cells.gene_ids[start : start + n]
+        values[i, 1 : 1 + n] = cells.values[start : start + n]
     attention_mask = np.arange(width)[None, :] < (1 + lengths)[:, None]
     return {
         "input_ids": torch.from_numpy(input_ids),

@@ -10,9 +10,11 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .anndata_io import (
     InputError,
+    check_counts,
     count_matrix,
     expand_data_paths,
     iter_count_chunks,
@@ -119,7 +121,8 @@ def tokenize_anndata(
     layer, gene_key
         Where counts and gene identifiers are.
     chunk_size
-        Cells read at a time; memory is bounded by it.
+        Cells read at a time from a backed file; memory is bounded by it. An in-memory CSR matrix is
+        tokenized in place, in blocks of 1,024 cells, without copying it.
     source
         Name used in messages and reports.
     cell_offset
@@ -132,10 +135,16 @@ def tokenize_anndata(
     """
     resolution, column_ids = _columns_in_vocab(adata, tokenizer, gene_key=gene_key, source=source)
     expressed = np.zeros(adata.n_vars, dtype=bool)
-    parts = []
-    for chunk in iter_count_chunks(adata, layer=layer, chunk_size=chunk_size, source=source):
-        expressed[chunk.counts.indices[chunk.counts.data != 0]] = True
-        parts.append(_encode_chunk(tokenizer, chunk, column_ids, cell_offset))
+    matrix = count_matrix(adata, layer)
+    if sp.issparse(matrix) and matrix.format == "csr" and adata.n_obs:  # in memory: no chunk copies
+        counts = to_csr(matrix)
+        check_counts(counts, source=source, layer=layer)
+        cells = np.arange(adata.n_obs) + cell_offset
+        parts = [tokenizer.encode(counts, column_ids, cell_index=cells, expressed=expressed)]
+        parts[0].cell_index = parts[0].cell_index - cell_offset
+    else:
+        parts = [_encode_chunk(tokenizer, chunk, column_ids, cell_offset, expressed)
+                 for chunk in iter_count_chunks(adata, layer=layer, chunk_size=chunk_size, source=source)]
     overlap = tokenizer.check_overlap(column_ids, source=source, expressed=expressed)
     resolution.set_expressed(expressed)
     cells = TokenizedCells.concatenate(parts)
@@ -172,9 +181,10 @@ def _columns_in_vocab(adata: ad.AnnData, tokenizer: CellTokenizer, *, gene_key: 
     return resolution, column_ids
 
 
-def _encode_chunk(tokenizer: CellTokenizer, chunk, column_ids: np.ndarray, cell_offset: int) -> TokenizedCells:
+def _encode_chunk(tokenizer: CellTokenizer, chunk, column_ids: np.ndarray, cell_offset: int,
+                  expressed: np.ndarray | None = None) -> TokenizedCells:
     rows = np.arange(chunk.start, chunk.start + chunk.counts.shape[0])
-    part = tokenizer.encode(chunk.counts, column_ids, cell_index=rows + cell_offset)
+    part = tokenizer.encode(chunk.counts, column_ids, cell_index=rows + cell_offset, expressed=expressed)
     part.cell_index = part.cell_index - cell_offset  # keep row numbers local to this input
     return part
 

@@ -11,19 +11,22 @@ Three kinds share one interface (:class:`CellTokenizer`), selected by ``Tokenize
 - ``rank`` (Geneformer): counts / cell total x 10,000 / the gene's non-zero median over the corpus,
   genes sorted by that value descending; the value carried is the normalised expression.
 
-When a cell expresses more genes than ``max_seq_len``, genes are subsampled with a counter-based hash
-of (seed, cell, gene), so the choice does not depend on chunking, or the top genes by expression are
-kept (``selection="top"``). Rank-value input always keeps the top genes. Genes keep the input's column
-order within a cell (binned, continuous) or are sorted by rank (rank). Columns that share a vocabulary
-id (two names of one gene) are summed per cell.
+When a cell expresses more genes than ``max_seq_len``, the genes with the largest counts are kept
+(``selection="top"``; among equal counts the first columns), or a subset chosen by a counter-based
+hash of (seed, cell, gene) (``selection="subsample"``), so the choice does not depend on chunking.
+Rank-value input always keeps the top genes. Genes keep the input's column order within a cell
+(binned, continuous) or are sorted by rank (rank). Columns that share a vocabulary id (two names of
+one gene) are summed per cell.
 
-Everything is vectorised over the cells of a chunk: per-entry work is a few numpy passes, per-cell
-work (quantile edges) is done on the cell's distinct counts (:mod:`.binning`), and the only sort is
-one packed uint64 sort over the entries of cells that must be shortened (or ranked).
+Everything is vectorised over the cells of a chunk, without a Python loop over cells: per-entry work
+is a few numpy passes, per-cell work (quantile edges, the top-k threshold) is done on each cell's
+distinct counts (:mod:`.binning`), the subsample is a radix select over bincounts, and only rank-value
+input sorts entries (one packed uint64 sort).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -31,17 +34,19 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from .anndata_io import InputError
-from .binning import count_bins, quantile_bins  # noqa: F401  (quantile_bins is part of this module's API)
+from .binning import CountGroups, quantile_bins  # noqa: F401  (quantile_bins is part of this module's API)
 from .gene_ids import GeneIdReport
 from .vocab import GeneVocab
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENE_MEDIANS_FILE = "gene_medians.json"
-_MAX_ROWS = 1 << 15
-"""Rows encoded at once; the packed sort key holds a row number in 16 bits."""
+_MAX_ROWS = 1 << 10
+"""Rows encoded at once: bounds the temporaries (30-70 bytes per non-zero count, 43-92 MB for 1,024 cells
+of 1,300 genes) and the (rows, 256) selection histograms; sort keys hold rows in 16 bits."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,8 @@ class TokenizerConfig:
     """Number of value bins including bin 0 for zero (binned only)."""
     max_seq_len: int = 1200
     """Most genes per cell, not counting the <cls> token."""
-    selection: Literal["subsample", "top"] = "subsample"
-    """How to choose genes when a cell expresses more than max_seq_len: seeded subsample or top expressed."""
+    selection: Literal["subsample", "top"] = "top"
+    """Genes kept when a cell expresses more than max_seq_len: the top expressed (default) or a seeded subsample."""
     seed: int = 0
     """Seed of the gene subsampling hash."""
     target_sum: float = 1e4
@@ -145,11 +150,6 @@ def _ragged_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return starts[row_of] + (np.arange(total) - first[row_of])
 
 
-def hash_uniform(seed: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Uniform [0, 1) numbers from a splitmix64 hash of (seed, a, b); identical on every run and chunking."""
-    return (_splitmix64(seed, a, b) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
 def _splitmix64(seed: int, a: np.ndarray, b: np.ndarray | int = 0) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
@@ -171,8 +171,7 @@ def selection_scores(cell_hash: np.ndarray, gene_hash: np.ndarray) -> np.ndarray
         x ^= x >> np.uint32(16)
         x *= np.uint32(0x85EBCA6B)
         x ^= x >> np.uint32(13)
-        x *= np.uint32(0xC2B2AE35)
-        x ^= x >> np.uint32(16)
+        x *= np.uint32(0xC2B2AE35)  # fmix32 without its last shift: the order is read from the top bits
     return x
 
 
@@ -181,53 +180,88 @@ def uint32_hash(seed: int, ids: np.ndarray, stream: int) -> np.ndarray:
     return (_splitmix64(seed, ids, stream) >> np.uint64(32)).astype(np.uint32)
 
 
-def normalize_log1p(data: np.ndarray, totals: np.ndarray, target_sum: float) -> np.ndarray:
-    """log1p(count / total * target_sum) in float32, the arithmetic of scanpy's normalize_total + log1p."""
-    scale = (totals / np.float32(target_sum)).astype(np.float32)
-    return np.log1p((data / scale).astype(np.float32))
+def smallest_in_rows(row_ptr: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask of the ``k`` entries with the smallest uint32 ``score`` in each row (ties: first position).
+
+    ``row_ptr`` (rows + 1,) delimits contiguous rows of ``score``, every row longer than ``k``. A radix
+    select: each pass histograms one byte of the candidates' scores per row, keeps the entries below
+    the byte holding the k-th smallest and narrows the candidates to that byte; once every row's
+    candidates are tied they are taken in position order. Histograms, masks, no sort.
+    """
+    n_rows = len(row_ptr) - 1
+    keep = np.zeros(len(score), dtype=bool)
+    candidates = None  # all entries
+    per_row = np.diff(row_ptr)  # (rows,) candidates of each row, contiguous
+    need = np.full(n_rows, k, dtype=np.int64)  # (rows,) entries still to take from the candidates
+    row_ids = np.arange(n_rows)
+    for shift in (24, 16, 8, 0):
+        cand_score = score if candidates is None else score[candidates]
+        starts = np.cumsum(per_row) - per_row
+        if candidates is not None and np.array_equal(cand_score, np.repeat(cand_score[starts], per_row)):
+            break  # every row's candidates are tied
+        byte = ((cand_score >> np.uint32(shift)) & np.uint32(0xFF)).astype(np.int32)
+        ptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+        hist = sp.csr_matrix((np.ones(len(byte), dtype=np.int32), byte, ptr), shape=(n_rows, 256)).toarray()
+        cum = np.cumsum(hist, axis=1)
+        threshold = np.argmax(cum >= need[:, None], axis=1)  # (rows,) byte holding the k-th smallest
+        need -= cum[row_ids, threshold] - hist[row_ids, threshold]
+        row_threshold = np.repeat(threshold.astype(np.int32), per_row)
+        below = np.flatnonzero(byte < row_threshold)
+        keep[below if candidates is None else candidates[below]] = True
+        tied = np.flatnonzero(byte == row_threshold)
+        candidates = tied if candidates is None else candidates[tied]
+        per_row = hist[row_ids, threshold]
+    first = np.cumsum(per_row) - per_row  # (rows,) each row's first candidate
+    rank = np.arange(len(candidates)) - np.repeat(first, per_row)
+    keep[candidates[rank < np.repeat(need, per_row)]] = True
+    return keep
 
 
-def order_within_rows(row_ptr: np.ndarray, row_of: np.ndarray, score: np.ndarray) -> np.ndarray:
+def order_within_rows(row_ptr: np.ndarray, row_of: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Entry indices sorted by row, then ascending uint32 ``score``, then position (one uint64 sort).
 
     The key packs row (16 bits), score (32) and position within the row (16 bits); more rows or longer
-    rows fall back to a stable lexsort.
+    rows fall back to a stable lexsort. Also returns the bool (entries - 1,) mask of sorted neighbours
+    that share row and score.
     """
     starts = row_ptr[:-1]
     position = np.arange(len(row_of), dtype=np.int64) - starts[row_of]
     if len(starts) > 0xFFFF or (len(position) and position.max() > 0xFFFF):
-        return np.lexsort((score, row_of))
+        order = np.lexsort((score, row_of))
+        return order, (row_of[order][1:] == row_of[order][:-1]) & (score[order][1:] == score[order][:-1])
     key = (row_of.astype(np.uint64) << np.uint64(48)) | (score.astype(np.uint64) << np.uint64(16))
     key |= position.astype(np.uint64)
     key.sort()
-    return starts[(key >> np.uint64(48)).astype(np.int64)] + (key & np.uint64(0xFFFF)).astype(np.int64)
+    order = starts[(key >> np.uint64(48)).astype(np.int64)] + (key & np.uint64(0xFFFF)).astype(np.int64)
+    key >>= np.uint64(16)  # row and score
+    return order, key[1:] == key[:-1]
 
 
-def smallest_in_rows(row_of: np.ndarray, score: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
-    """Bool mask of the ``k`` entries with the smallest uint32 ``score`` in each row (ties: first position).
+def _exact_order_within_ties(order: np.ndarray, tied: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Reorder runs of entries whose uint32 scores tie within a row by their exact (float64) value.
 
-    Every row has more than ``k`` entries and rows are contiguous. A histogram of the top 8 bits of the
-    score finds each row's threshold bin; only entries in that bin are sorted.
+    ``order`` is sorted by row, then descending float32 value, then position, and ``tied[i]`` says that
+    sorted entries i and i + 1 share row and score. Only runs whose exact values differ are sorted again
+    (stably, descending), so exactly equal values keep position order.
     """
-    n_rows = len(lengths)
-    coarse = (score >> np.uint32(24)).astype(np.int64)  # (entries,) 0..255
-    hist = np.bincount(np.repeat(np.arange(n_rows, dtype=np.int64) * 256, lengths) + coarse,
-                       minlength=n_rows * 256).reshape(n_rows, 256)
-    cum = np.cumsum(hist, axis=1)
-    threshold = np.argmax(cum >= k, axis=1)  # (rows,) bin holding the k-th smallest score
-    rows = np.arange(n_rows)
-    need = k - (cum[rows, threshold] - hist[rows, threshold])  # (rows,) still to take from that bin
-    row_threshold = np.repeat(threshold, lengths)
-    keep = coarse < row_threshold
-    boundary = np.flatnonzero(coarse == row_threshold)  # rows contiguous, every row present
-    b_len = hist[rows, threshold]
-    b_ptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(b_len, out=b_ptr[1:])
-    b_row = row_of[boundary]
-    order = order_within_rows(b_ptr, b_row, score[boundary])
-    rank = np.arange(len(order)) - np.repeat(b_ptr[:-1], b_len)
-    keep[boundary[order[rank < np.repeat(need, b_len)]]] = True
-    return keep
+    if not tied.any():
+        return order
+    in_run = np.zeros(len(order), dtype=bool)
+    in_run[1:] |= tied
+    in_run[:-1] |= tied
+    members = np.flatnonzero(in_run)  # positions in `order` belonging to some run
+    new_run = np.concatenate([[True], ~tied[members[1:] - 1]])  # consecutive members, same run
+    member_value = value[order[members]]
+    starts = np.flatnonzero(new_run)
+    mixed = np.maximum.reduceat(member_value, starts) != np.minimum.reduceat(member_value, starts)
+    run_id = np.cumsum(new_run) - 1
+    members = members[mixed[run_id]]  # runs of exactly equal values are already in position order
+    if not len(members):
+        return order
+    resorted = members[np.lexsort((-value[order[members]], run_id[mixed[run_id]]))]
+    order = order.copy()
+    order[members] = order[resorted]
+    return order
 
 
 def descending_score(values: np.ndarray) -> np.ndarray:
@@ -236,16 +270,33 @@ def descending_score(values: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class _Rows:
+    """A block of consecutive CSR rows as array views (``indptr`` rebased to 0, int64)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+@dataclass
 class _Entries:
     """Non-zero counts of one block on vocabulary genes, cells without any removed."""
 
     row_ptr: np.ndarray  # (rows + 1,) int64
-    row_of: np.ndarray  # (nnz,) int32
     gene_ids: np.ndarray  # (nnz,) int32
     counts: np.ndarray  # (nnz,) float32
     totals: np.ndarray  # (rows,) float32 library size over all genes
     cell_index: np.ndarray  # (rows,) int64
     n_empty: int
+
+    @functools.cached_property
+    def row_of(self) -> np.ndarray:
+        """(nnz,) int32 row of each entry (built only by the paths that need it)."""
+        return _rows_of(self.row_ptr)
+
+
+def _rows_of(row_ptr: np.ndarray) -> np.ndarray:
+    return np.repeat(np.arange(len(row_ptr) - 1, dtype=np.int32), np.diff(row_ptr))
 
 
 def _canonical_csr(counts) -> sp.csr_matrix:
@@ -259,12 +310,12 @@ def _canonical_csr(counts) -> sp.csr_matrix:
     return counts
 
 
-def _row_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+def _row_sums(values: np.ndarray, indptr: np.ndarray, dtype=None) -> np.ndarray:
     """(rows,) sums of each CSR row's values (float32 counts: exact below 2**24 per cell)."""
     lengths = np.diff(indptr)
     if len(values) == 0:
-        return np.zeros(len(lengths), dtype=values.dtype)
-    sums = np.add.reduceat(values, np.minimum(indptr[:-1], len(values) - 1))
+        return np.zeros(len(lengths), dtype=dtype or values.dtype)
+    sums = np.add.reduceat(values, np.minimum(indptr[:-1], len(values) - 1), dtype=dtype)
     sums[lengths == 0] = 0
     return sums
 
@@ -304,10 +355,10 @@ class CellTokenizer:
             raise InputError("the rank tokenizer needs gene medians; compute them with gene_nonzero_medians first.")
         self._median_by_id = None
         if gene_medians is not None:
-            med = np.ones(len(vocab), dtype=np.float32)  # genes never expressed in the corpus: median 1
+            med = np.ones(len(vocab), dtype=np.float64)  # genes never expressed in the corpus: median 1
             ids = vocab.lookup(gene_medians.keys())
             known = ids >= 0
-            med[ids[known]] = np.asarray(list(gene_medians.values()), dtype=np.float32)[known]
+            med[ids[known]] = np.asarray(list(gene_medians.values()), dtype=np.float64)[known]
             if not np.all(med > 0):
                 raise InputError("gene medians must be positive; recompute them with gene_nonzero_medians.")
             self._median_by_id = med
@@ -325,9 +376,9 @@ class CellTokenizer:
 
     def column_ids(self, gene_keys) -> np.ndarray:
         """(genes,) int64 vocabulary id of each key; -1 for unknown keys and for None (dropped genes)."""
-        keys = list(gene_keys)
-        missing = np.array([k is None for k in keys], dtype=bool)
-        ids = self.vocab.lookup(["" if k is None else k for k in keys])
+        keys = pd.Index(gene_keys, dtype=object)
+        missing = keys.isna()
+        ids = self.vocab.lookup(keys.where(~missing, "") if missing.any() else keys)
         ids[missing] = -1
         return ids
 
@@ -345,12 +396,13 @@ class CellTokenizer:
         return overlap
 
     # ---------------------------------------------------------------- encode
-    def encode(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray | None = None) -> TokenizedCells:
+    def encode(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray | None = None, *,
+               expressed: np.ndarray | None = None) -> TokenizedCells:
         """Tokenize a (cells, genes) CSR count matrix whose columns map to ``column_ids`` (-1 = drop).
 
         ``cell_index`` gives each row a global id, used in the subsampling hash and kept in the output.
         Columns sharing an id are summed per cell; cells without counts on known genes are dropped and
-        counted.
+        counted. ``expressed`` (bool per column), if given, is set True in place for columns with counts.
         """
         counts = _canonical_csr(counts)
         if cell_index is None:
@@ -359,96 +411,101 @@ class CellTokenizer:
         column_ids = np.asarray(column_ids)
         if len(column_ids) != counts.shape[1]:
             raise InputError(f"{len(column_ids)} column ids for a matrix of {counts.shape[1]} genes.")
-        parts = [
-            self._encode_block(counts[lo:lo + _MAX_ROWS], column_ids, cell_index[lo:lo + _MAX_ROWS])
-            for lo in range(0, counts.shape[0], _MAX_ROWS)
-        ]
+        indptr = counts.indptr.astype(np.int64)
+        parts = []
+        for lo in range(0, counts.shape[0], _MAX_ROWS):  # blocks bound the temporaries; views, no copies
+            hi = min(lo + _MAX_ROWS, counts.shape[0])
+            start, stop = indptr[lo], indptr[hi]
+            block = _Rows(indptr[lo:hi + 1] - start, counts.indices[start:stop], counts.data[start:stop])
+            parts.append(self._encode_block(block, column_ids, cell_index[lo:hi], expressed))
         return parts[0] if len(parts) == 1 else TokenizedCells.concatenate(parts)
 
-    def _encode_block(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray) -> TokenizedCells:
-        entries = self._entries(counts, column_ids, cell_index)
-        values, score = self._values(entries)
-        take = self._select(entries, score)  # bool mask (column order) or indices (rank order)
+    def _encode_block(self, counts: _Rows, column_ids: np.ndarray, cell_index: np.ndarray,
+                      expressed: np.ndarray | None) -> TokenizedCells:
+        entries = self._entries(counts, column_ids, cell_index, expressed)
+        values, take = self._values(entries)  # take: None, a keep mask (column order) or indices (rank order)
         lengths = np.minimum(np.diff(entries.row_ptr), self.config.max_seq_len)  # exactly k kept in long cells
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return TokenizedCells(
             offsets=offsets,
             gene_ids=entries.gene_ids if take is None else entries.gene_ids[take],
-            values=(values if take is None else values[take]).astype(np.float32),
+            values=(values if take is None else values[take]).astype(np.float32, copy=False),
             cell_index=entries.cell_index,
             n_empty_dropped=entries.n_empty,
         )
 
-    def _entries(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray) -> _Entries:
+    def _entries(self, counts: _Rows, column_ids: np.ndarray, cell_index: np.ndarray,
+                 expressed: np.ndarray | None = None) -> _Entries:
         """Entries on vocabulary genes with duplicates merged; empty cells removed."""
-        indptr = counts.indptr.astype(np.int64)
+        indptr = counts.indptr
         data = counts.data
         totals = _row_sums(data, indptr).astype(np.float32)  # library size over all genes
         ids32 = column_ids.astype(np.int32)
-        gene_ids = np.take(ids32, counts.indices)  # (nnz,)
+        columns = counts.indices.astype(np.intp)  # (nnz,) once, for the gathers below
+        gene_ids = np.take(ids32, columns)  # (nnz,)
         lengths = np.diff(indptr)
-        row_of = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
         keep = None if ids32.min(initial=0) >= 0 else gene_ids >= 0
-        if not data.all():  # explicit zeros are not expressed genes
+        nonzero = data.all()
+        if not nonzero:  # explicit zeros are not expressed genes
             keep = data != 0 if keep is None else keep & (data != 0)
+        if expressed is not None:
+            expressed[columns if nonzero else columns[data != 0]] = True
         known_ids = ids32[ids32 >= 0]
         if len(known_ids) and np.bincount(known_ids).max() > 1:  # two columns of one gene: sum them
             shared = np.isin(ids32, np.flatnonzero(np.bincount(known_ids) > 1))
-            in_shared = np.take(shared, counts.indices)
+            in_shared = np.take(shared, columns)
             dup_entries = np.flatnonzero(in_shared if keep is None else in_shared & keep)
             data = data.copy()
-            merged = _merge_duplicate_genes(row_of, gene_ids, data, dup_entries)
+            merged = _merge_duplicate_genes(_rows_of(indptr), gene_ids, data, dup_entries)
             keep = merged if keep is None else keep & merged
         if keep is not None:
-            lengths = _row_sums(keep.view(np.int8), indptr).astype(np.int64)
-            gene_ids, data, row_of = gene_ids[keep], data[keep], row_of[keep]
+            lengths = _row_sums(keep.view(np.int8), indptr, dtype=np.int64)
+            gene_ids, data = gene_ids[keep], data[keep]
         nonempty = lengths > 0
         n_empty = int(len(lengths) - nonempty.sum())
-        if n_empty:
-            new_row = np.cumsum(nonempty, dtype=np.int32) - 1
-            row_of = new_row[row_of]
+        if n_empty:  # empty cells own no entries: dropping them leaves the entries as they are
             lengths, totals, cell_index = lengths[nonempty], totals[nonempty], cell_index[nonempty]
         row_ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=row_ptr[1:])
-        return _Entries(row_ptr, row_of, gene_ids, data, totals, cell_index, n_empty)
+        return _Entries(row_ptr, gene_ids, data, totals, cell_index, n_empty)
 
     def _values(self, e: _Entries) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per-entry value carried by the token, and the uint32 score ordering entries (None: hashed)."""
+        """Per-entry token values, and which entries to keep: None (all), a mask, or rank-ordered indices."""
         cfg = self.config
         scale = (e.totals / np.float32(cfg.target_sum)).astype(np.float32)  # (rows,) normalize_total factor
         if cfg.kind == "rank":
-            norm = e.counts / scale[e.row_of]  # (nnz,) float32 counts per target_sum
-            return norm, descending_score(norm / self._median_by_id[e.gene_ids])
-        top = cfg.selection == "top" and len(e.row_ptr) > 1 and np.diff(e.row_ptr).max() > cfg.max_seq_len
-        if cfg.kind == "binned":
-            counts = np.rint(e.counts).astype(np.int32)
-            return count_bins(counts, e.row_of, e.row_ptr, scale, cfg.n_bins), (
-                descending_score(counts.astype(np.float32)) if top else None)
-        values = np.log1p(e.counts / scale[e.row_of])
-        return values, descending_score(values) if top else None
+            # Geneformer's arithmetic, in float64: count / n_counts * target_sum / median
+            norm = e.counts / e.totals.astype(np.float64)[e.row_of] * cfg.target_sum  # (nnz,)
+            ratio = norm / self._median_by_id[e.gene_ids]
+            order, tied = order_within_rows(e.row_ptr, e.row_of, descending_score(ratio.astype(np.float32)))
+            order = _exact_order_within_ties(order, tied, ratio)
+            rank = np.arange(len(order)) - np.repeat(e.row_ptr[:-1], np.diff(e.row_ptr))
+            return norm.astype(np.float32), order[rank < cfg.max_seq_len]
+        shorten = len(e.row_ptr) > 1 and np.diff(e.row_ptr).max() > cfg.max_seq_len
+        top = shorten and cfg.selection == "top"
+        counts = np.rint(e.counts).astype(np.int32) if cfg.kind == "binned" or top else None
+        groups = CountGroups.build(counts, e.row_ptr) if counts is not None else None
+        values = groups.bins(scale, cfg.n_bins, np.float32) if cfg.kind == "binned" else np.log1p(e.counts / scale[e.row_of])
+        if not shorten:
+            return values, None
+        # within a cell the value rises with the count, so the top genes are those with the largest counts
+        return values, groups.top_k(cfg.max_seq_len) if top else self._subsample(e)
 
-    def _select(self, e: _Entries, score: np.ndarray | None) -> np.ndarray | None:
-        """At most max_seq_len genes per cell: None (all kept), a keep mask (column order) or rank order."""
+    def _subsample(self, e: _Entries) -> np.ndarray:
+        """Keep mask: max_seq_len genes of each longer cell, chosen by a hash of (seed, cell, gene)."""
         k = self.config.max_seq_len
         lengths = np.diff(e.row_ptr)
-        if self.config.kind == "rank":
-            order = order_within_rows(e.row_ptr, e.row_of, score)
-            return order[np.arange(len(order)) - np.repeat(e.row_ptr[:-1], lengths) < k]
         long_rows = np.flatnonzero(lengths > k)
-        if not len(long_rows):
-            return None
         is_long = np.zeros(len(lengths), dtype=bool)
         is_long[long_rows] = True
         sub_entries = np.flatnonzero(np.take(is_long, e.row_of))  # entries of the cells to shorten, rows contiguous
         sub_row = np.repeat(np.arange(len(long_rows), dtype=np.int32), lengths[long_rows])
-        if score is None:  # seeded subsample
-            cell_hash = uint32_hash(self.config.seed, e.cell_index[long_rows], stream=1)
-            sub_score = selection_scores(cell_hash[sub_row], self._gene_hash[e.gene_ids[sub_entries]])
-        else:
-            sub_score = score[sub_entries]
+        cell_hash = uint32_hash(self.config.seed, e.cell_index[long_rows], stream=1)
+        score = selection_scores(cell_hash[sub_row], self._gene_hash[e.gene_ids[sub_entries]])
+        sub_ptr = np.concatenate([[0], np.cumsum(lengths[long_rows])])
         keep = np.ones(len(e.row_of), dtype=bool)
-        keep[sub_entries] = smallest_in_rows(sub_row, sub_score, lengths[long_rows], k)
+        keep[sub_entries] = smallest_in_rows(sub_ptr, score, k)
         return keep
 
     # ---------------------------------------------------------------- persistence

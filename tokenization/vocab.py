@@ -88,7 +88,10 @@ class GeneVocab:
 
     def lookup(self, keys: Iterable[str]) -> np.ndarray:
         """Token ids of ``keys``; -1 where a key is not in the vocabulary. Vectorised via pandas."""
-        ids = self._index.get_indexer(pd.Index([str(k) for k in keys]))
+        index = keys if isinstance(keys, pd.Index) else pd.Index(list(keys), dtype=object)
+        if index.inferred_type != "string":  # strings pass as they are; other keys are compared as str
+            index = pd.Index([str(k) for k in index], dtype=object)
+        ids = self._index.get_indexer(index)
         special_ids = {self.token_to_id[s] for s in self.specials}
         if special_ids:
             ids[np.isin(ids, list(special_ids))] = -1  # a gene may never map to a special token

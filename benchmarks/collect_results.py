@@ -1,0 +1,88 @@
+"""Collect `atlasformer benchmark` output folders into one report: <output>.md and <output>.json.
+
+    python benchmarks/collect_results.py benchmarks/results/public_runs/*/ --output benchmarks/results/public \
+        [--checkpoint benchmarks/checkpoints/public-small] [--budgets "..."]
+
+The JSON holds the date, the machine, every results row, each run's timings / skipped methods / config,
+and the pretrained checkpoint's parameters and corpus. The last line printed is a JSON summary:
+``{"runs", "rows", "goals_assessed", "goals_met"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+from atlasformer.finetune.benchmark_report import machine_line, summary_table, verdict, write_report
+
+
+def checkpoint_facts(folder: Path | None) -> dict:
+    if folder is None or not (folder / "model" / "config.json").exists():
+        return {}
+    config = json.loads((folder / "model" / "config.json").read_text())
+    facts = {k: config.get(k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size")}
+    card = folder / "model" / "README.md"
+    params = [line for line in card.read_text().splitlines() if "parameters:" in line] if card.exists() else []
+    facts["parameters"] = params[0].split("parameters:")[1].strip() if params else None
+    for name in ("pretrain_seconds.txt", "corpus.txt"):
+        if (folder / name).exists():
+            facts[name.split(".")[0]] = (folder / name).read_text().split()
+    return facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="benchmark output folders")
+    parser.add_argument("--output", required=True, help="path without suffix")
+    parser.add_argument("--checkpoint", help="pretrained run folder (its model/ is described in the report)")
+    parser.add_argument("--budgets", default="", help="a sentence stating the budgets used")
+    parser.add_argument("--title", default="atlasformer public benchmark")
+    args = parser.parse_args()
+
+    rows, metas = [], []
+    for run in map(Path, args.runs):
+        if not (run / "results.json").exists():
+            print(f"skipping {run}: no results.json")
+            continue
+        rows += json.loads((run / "results.json").read_text())
+        if (run / "timings.json").exists():
+            metas.append(json.loads((run / "timings.json").read_text()))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_facts(Path(args.checkpoint)) if args.checkpoint else {}
+    preamble = ["Measured by `atlasformer benchmark` runs, collected by "
+                "benchmarks/collect_results.py; other agents' jobs shared the 2 cores during the run, so wall times are "
+                "indicative. Every number below was measured in this run.", ""]
+    if args.budgets:
+        preamble += [f"Budgets: {args.budgets}.", ""]
+    if ckpt:
+        preamble += [f"Pretrained model: {ckpt.get('parameters')} parameters ({ckpt.get('n_layers')} layers, d_model "
+                     f"{ckpt.get('d_model')}, {ckpt.get('n_heads')} heads, vocabulary {ckpt.get('vocab_size')}), "
+                     f"pretrained in {' '.join(ckpt.get('pretrain_seconds', ['?', 's'])[-2:])} on "
+                     f"{len(ckpt.get('corpus', []))} human RNA files.", ""]
+    figures = output.parent / f"{output.name}_plots"
+    write_report(rows, metas, output.with_suffix(".md"), plots_dir=figures, title=args.title,
+                 preamble=preamble)
+    table = summary_table(rows)
+    assessed = met = 0
+    for meta in metas:
+        key = (meta["task"], meta["dataset"])
+        if table.empty or key not in {(t, d) for t, d, *_ in table.index}:
+            continue
+        sub = table.loc[key]
+        methods = list(dict.fromkeys(sub.index.get_level_values("method")))
+        metrics = list(dict.fromkeys(sub.index.get_level_values("metric")))
+        line = verdict(sub, metrics, methods, meta.get("skipped", {}))
+        assessed += "not assessed" not in line
+        met += line.startswith("**Goal met")
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_line(),
+              "python": platform.python_version(), "budgets": args.budgets, "checkpoint": ckpt, "runs": metas, "rows": rows}
+    output.with_suffix(".json").write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps({"runs": len(metas), "rows": len(rows), "goals_assessed": assessed, "goals_met": met}))
+
+
+if __name__ == "__main__":
+    main()

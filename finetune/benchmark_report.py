@@ -1,0 +1,169 @@
+"""Benchmark rows -> report.md: mean +- std tables per task and dataset, the best method in bold, wall time,
+the verdict on atlasformer, skipped methods with reasons, and one bar plot per task and dataset."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ATLAS_METHODS = ("atlasformer", "atlasformer_scratch", "atlasformer_zeroshot")
+LOWER_IS_BETTER = frozenset({"poisson_nll", "rmse"})
+
+
+def summary_table(rows: list[dict]) -> pd.DataFrame:
+    """Aggregate rows (no ``fold`` key) -> DataFrame indexed by (task, dataset, method, metric) with mean, std, n."""
+    frame = pd.DataFrame([r for r in rows if "fold" not in r])
+    if frame.empty:
+        return frame
+    grouped = frame.groupby(["task", "dataset", "method", "metric"], sort=False)["value"]
+    return pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=0), "n": grouped.count()})
+
+
+def best_method(table: pd.DataFrame, metric: str, methods: list[str]) -> str | None:
+    """The method with the best mean on ``metric`` among ``methods`` (lower is better for NLL and RMSE)."""
+    means = {m: table.loc[(m, metric), "mean"] for m in methods if (m, metric) in table.index}
+    means = {m: v for m, v in means.items() if np.isfinite(v)}
+    if not means:
+        return None
+    pick = min if metric in LOWER_IS_BETTER else max
+    return pick(means, key=means.get)
+
+
+def better(a: float, b: float, metric: str, *, or_equal: bool = False) -> bool:
+    if metric in LOWER_IS_BETTER:
+        a, b = -a, -b
+    return a >= b if or_equal else a > b
+
+
+def verdict(table: pd.DataFrame, metrics: list[str], methods: list[str], skipped: dict) -> str:
+    """The line stating whether atlasformer beats atlasformer_scratch and matches the best baseline (mean over seeds)."""
+    if "atlasformer" not in methods:
+        reason = skipped.get("atlasformer", "not requested")
+        return f"**Goal not assessed:** atlasformer (pretrained + fine-tuned) did not run: {reason}"
+    baselines = [m for m in methods if m not in ATLAS_METHODS]
+    parts, met = [], True
+    for metric in metrics:
+        ours = table.loc[("atlasformer", metric), "mean"]
+        if "atlasformer_scratch" in methods:
+            scratch = table.loc[("atlasformer_scratch", metric), "mean"]
+            wins = better(ours, scratch, metric)
+            met &= wins
+            parts.append(f"{metric}: {ours:.3f} vs scratch {scratch:.3f} ({'better' if wins else 'not better'})")
+        best = best_method(table, metric, baselines)
+        if best is not None:
+            value = table.loc[(best, metric), "mean"]
+            ok = better(ours, value, metric, or_equal=True)
+            met &= ok
+            parts.append(f"vs best baseline {best} {value:.3f} ({'at least as good' if ok else 'worse'})")
+    if "atlasformer_scratch" not in methods:
+        met = False
+        parts.append("atlasformer_scratch did not run")
+    if met:
+        head = ("**Goal met:** atlasformer (pretrained + fine-tuned) beats atlasformer_scratch and is at least as good "
+                "as the best baseline on every metric (mean over seeds)")
+    else:
+        head = ("**Goal not met:** atlasformer (pretrained + fine-tuned) does not both beat atlasformer_scratch and "
+                "match the best baseline on every metric (mean over seeds)")
+    return head + ": " + "; ".join(parts) + "."
+
+
+def task_section(task: str, dataset: str, table: pd.DataFrame, meta: dict, plot: Path | None, report_dir: Path) -> list[str]:
+    sub = table.loc[(task, dataset)]
+    methods = list(dict.fromkeys(sub.index.get_level_values("method")))
+    metrics = list(dict.fromkeys(sub.index.get_level_values("metric")))
+    timings = meta.get("timings_s", {})
+    seeds = meta.get("seeds", [])
+    lines = [f"## {task}: {dataset}", ""]
+    facts = [f"{meta.get('n_cells', '?')} cells x {meta.get('n_genes', '?')} genes", f"seeds {seeds}"]
+    if meta.get("modality"):
+        facts.append(f"modality {meta['modality']}")
+    lines += [", ".join(facts) + ". Mean +- std over seeds; best in bold "
+              f"({', '.join(m + (' (lower is better)' if m in LOWER_IS_BETTER else '') for m in metrics)}).", ""]
+    header = "| method | " + " | ".join(metrics) + " | wall time (s, all seeds) |"
+    lines += [header, "|" + "---|" * (len(metrics) + 2)]
+    best = {metric: best_method(sub, metric, methods) for metric in metrics}
+    for method in methods:
+        cells = []
+        for metric in metrics:
+            if (method, metric) not in sub.index:
+                cells.append("")
+                continue
+            mean, std = sub.loc[(method, metric), "mean"], sub.loc[(method, metric), "std"]
+            text = f"{mean:.3f} +- {std:.3f}"
+            cells.append(f"**{text}**" if best[metric] == method else text)
+        wall = timings.get(method)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {wall:.1f} |" if wall is not None else
+                     f"| {method} | " + " | ".join(cells) + " | |")
+    lines += ["", verdict(sub, metrics, methods, meta.get("skipped", {})), ""]
+    if meta.get("skipped"):
+        lines += ["Not run:"] + [f"- `{k}`: {v}" for k, v in meta["skipped"].items()] + [""]
+    if meta.get("scib_disabled"):
+        lines += [f"scib-metrics disabled on this dataset: {', '.join(meta['scib_disabled'])}.", ""]
+    if plot is not None:
+        lines += [f"![{task} {dataset}]({os.path.relpath(plot, report_dir)})", ""]
+    return lines
+
+
+def plot_task(table: pd.DataFrame, task: str, dataset: str, path: Path) -> Path:
+    """One bar panel per metric: mean over seeds with std error bars, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sub = table.loc[(task, dataset)]
+    methods = list(dict.fromkeys(sub.index.get_level_values("method")))
+    metrics = list(dict.fromkeys(sub.index.get_level_values("metric")))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.35 * len(methods) + 1.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        present = [m for m in methods if (m, metric) in sub.index]
+        means = [sub.loc[(m, metric), "mean"] for m in present]
+        stds = [sub.loc[(m, metric), "std"] for m in present]
+        colors = ["tab:red" if m.startswith("atlasformer") else "tab:blue" for m in present]
+        ax.barh(range(len(present)), means, xerr=stds, color=colors)
+        ax.set_yticks(range(len(present)), present if ax is axes[0][0] else [""] * len(present))
+        ax.invert_yaxis()
+        ax.set_title(metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""), fontsize=9)
+    fig.suptitle(f"{task}: {dataset}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def machine_line(shared_note: bool = True) -> str:
+    line = (f"{datetime.date.today().isoformat()}, {platform.node() or 'unknown host'}, {platform.machine()}, "
+            f"{os.cpu_count()} CPU cores, Python {platform.python_version()}")
+    if shared_note:
+        line += "; other jobs may have shared the cores, so wall times are indicative only"
+    return line
+
+
+def write_report(rows: list[dict], metas: list[dict], path: str | Path, *, plots_dir: str | Path | None = None,
+                 title: str = "atlasformer benchmark", preamble: list[str] | None = None) -> Path:
+    """Write report.md for every (task, dataset) in ``rows``; ``metas`` carry timings, skips and sizes."""
+    path = Path(path)
+    table = summary_table(rows)
+    by_key = defaultdict(dict)
+    for meta in metas:
+        by_key[(meta["task"], meta["dataset"])] = meta
+    lines = [f"# {title}", "", machine_line() + ".", ""] + list(preamble or [])
+    if table.empty:
+        lines += ["No results: every method was skipped.", ""]
+        for meta in metas:
+            lines += [f"- `{k}`: {v}" for k, v in meta.get("skipped", {}).items()]
+    keys = list(dict.fromkeys((t, d) for t, d, *_ in table.index)) if not table.empty else []
+    for task, dataset in keys:
+        plot = plot_task(table, task, dataset, Path(plots_dir) / f"{task}_{dataset}.png") if plots_dir else None
+        lines += task_section(task, dataset, table, by_key.get((task, dataset), {}), plot, path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path

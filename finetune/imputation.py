@@ -1,0 +1,211 @@
+"""Imputation / denoising: every gene's expected expression from the cell embedding and library size.
+
+The model (:class:`~atlasformer.model_zoo.task_heads.CellTransformerForImputation`) decodes the cell
+embedding and log library size into each gene's share of the library, trained with a negative-binomial
+(or ZINB) likelihood of the counts. Training and validation follow molecular cross-validation
+(BENCHMARKS.md section 3): counts are thinned binomially into ``x_train`` (90 %) and ``x_test``; the
+model sees only ``x_train`` and is scored on the validation cells' ``x_test`` (Poisson NLL per test count,
+Pearson of log1p), beside the ``no_denoising`` baseline on the same cells.
+
+Writes ``layers['atlasformer_denoised']`` (``key_added``): expected expression in counts per 10,000
+(CP10k) for every gene of the file the model predicts (NaN for genes it was not trained on, and for cells
+without any vocabulary gene).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from atlasformer.model_zoo import CellTransformerForImputation
+from atlasformer.pretrain.convert import resolve_model
+from atlasformer.pretrain.export import export_model_folder, load_model_folder
+from atlasformer.tokenization import InputError, gene_keys
+
+from .common import (
+    build_task_model,
+    iter_model_outputs,
+    load_backbone,
+    model_batch,
+    read_counts,
+    run_model,
+    split_cells,
+    tokenize_for_model,
+)
+from .config import FinetuneConfig
+from .fit import fit
+from .metrics import binomial_thinning, imputation_metrics, row_normalised
+from .plots import metric_bars, predicted_vs_observed
+
+KEY_ADDED = "atlasformer_denoised"
+THINNING = 0.9  # fraction of molecules the model sees (BENCHMARKS.md)
+
+
+class Imputer:
+    """Fine-tunes and applies a denoising model (the task's user-facing model).
+
+    Parameters
+    ----------
+    model
+        Pretrained model folder or hub id; ignored with ``config.from_scratch``.
+    config
+        Fine-tuning settings (``likelihood`` is this task's: ``"nb"`` or ``"zinb"``).
+    layer, gene_key
+        Where counts and gene identifiers are.
+    batch_key
+        obs column with batches (needed for ``config.val_batch``).
+    """
+
+    def __init__(self, model=None, config: FinetuneConfig | None = None, *, layer: str | None = None,
+                 gene_key: str | None = None, batch_key: str | None = None):
+        self.model_source = model
+        self.config = config or FinetuneConfig()
+        self.layer, self.gene_key, self.batch_key = layer, gene_key, batch_key
+        self.model: CellTransformerForImputation | None = None
+        self.tokenizer = None
+        self.validation: dict = {}
+        self._plot_data: dict | None = None
+
+    # ------------------------------------------------------------------ training
+    def fit(self, adata: ad.AnnData, source: str = "data") -> dict:
+        """Fine-tune on the thinned counts of ``adata``; returns MCV metrics on the validation cells."""
+        cfg = self.config
+        counts = read_counts(adata, self.layer, source)
+        x_train, x_test = binomial_thinning(counts, THINNING, seed=cfg.seed)
+        thinned = ad.AnnData(x_train, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var.copy())
+        if self.batch_key and self.batch_key in adata.obs:
+            thinned.obs[self.batch_key] = adata.obs[self.batch_key].to_numpy()
+        backbone, self.tokenizer, config = load_backbone(self.model_source, cfg, [adata], gene_key=self.gene_key)
+        data = tokenize_for_model(thinned, self.tokenizer, gene_key=self.gene_key, source=f"{source} (90% thinned)")
+        rows_of_cells = data.cells.cell_index  # row in adata of each tokenized cell
+        targets, held_out = x_train[rows_of_cells], x_test[rows_of_cells]  # (cells, genes) CSR
+        library = np.asarray(targets.sum(1)).ravel().astype(np.float32)
+        genes = list(gene_keys(adata, self.gene_key, source=source))
+        model = build_task_model(CellTransformerForImputation, backbone, config, feature_names=genes,
+                                 likelihood=cfg.likelihood, task="imputation")
+        train, val = split_cells(data.obs, cfg, self.batch_key)
+        if len(val) == 0:
+            raise InputError("imputation is validated on held-out cells: set val_fraction > 0 or val_batch.")
+        cells, tokenizer = data.cells, self.tokenizer
+        baseline = imputation_metrics(row_normalised(targets[val]), held_out[val], targets[val])
+
+        def make_batch(rows):
+            sel = train[rows]
+            batch = model_batch(cells, sel, tokenizer)
+            batch["library_size"] = torch.from_numpy(library[sel])
+            batch["counts"] = torch.from_numpy(targets[sel].toarray())
+            return batch
+
+        def proportions(m, rows):
+            return run_model(m, cells, tokenizer, rows=rows, outputs=lambda out: out.extras["proportions"],
+                             library_size=library)
+
+        def validate(m):
+            metrics = imputation_metrics(proportions(m, val), held_out[val], targets[val])
+            metrics.update(no_denoising=baseline, n_train=int(len(train)), n_val=int(len(val)))
+            return -metrics["poisson_nll"], metrics
+
+        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="imputation")
+        self._plot_data = {"proportions": proportions(self.model, val), "x_test": held_out[val], "genes": genes}
+        return self.validation
+
+    # ------------------------------------------------------------------ inference
+    def _require_model(self):
+        if self.model is None:
+            raise InputError("this Imputer has no model yet: call fit(adata) or Imputer.load(folder).")
+
+    def predict(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+        """(cells, genes of ``adata``) expected expression in CP10k; NaN where the model has no prediction."""
+        self._require_model()
+        features = list(self.model.config.feature_names)
+        keys = gene_keys(adata, self.gene_key, source=source)
+        position = pd.Index(features).get_indexer(keys)
+        known = position >= 0
+        if not known.any():
+            raise InputError(f"{source}: none of its genes is one the model predicts (e.g. {list(keys[:3])}); "
+                             "use the gene identifiers of the training data (or --gene-key).")
+        if not known.all():
+            print(f"note: {source}: {int((~known).sum())} of its {len(keys)} genes were not in training "
+                  f"(e.g. {list(keys[~known][:5])}); their denoised values are NaN.")
+        library = np.asarray(read_counts(adata, self.layer, source).sum(1)).ravel().astype(np.float32)
+        out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+        for rows, props in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+                                              source=source, chunk_size=self.config.chunk_size,
+                                              outputs=lambda o: o.extras["proportions"], extra={"library_size": library}):
+            block = np.full((len(rows), adata.n_vars), np.nan, dtype=np.float32)
+            block[:, known] = props[:, position[known]] * 1e4
+            out[rows] = block
+        return out
+
+    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+        """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""
+        self._require_model()
+        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
+        library = np.asarray(read_counts(adata, self.layer, source).sum(1)).ravel().astype(np.float32)
+        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+                                            source=source, chunk_size=self.config.chunk_size, extra={"library_size": library}):
+            out[rows] = emb
+        return out
+
+    def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = KEY_ADDED, source: str = "data") -> None:
+        """Write denoised CP10k expression of ``adata`` into ``target.layers[key_added]``."""
+        target.layers[key_added] = self.predict(adata, source=source)
+
+    def plots(self, output: Path) -> list[Path]:
+        """MCV metrics against no denoising, and predicted vs held-out counts of the most expressed genes."""
+        if self._plot_data is None:
+            return []
+        output = Path(output)
+        v = self.validation
+        bars = {"atlasformer": {k: v[k] for k in ("poisson_nll", "pearson_log1p")},
+                "no_denoising": {k: v["no_denoising"][k] for k in ("poisson_nll", "pearson_log1p")}}
+        paths = [metric_bars(bars, output / "imputation_mcv.png", "molecular cross-validation (validation cells)")]
+        props, x_test, genes = self._plot_data["proportions"], self._plot_data["x_test"], self._plot_data["genes"]
+        top = np.argsort(-np.asarray(x_test.sum(0)).ravel())[:8]
+        expected = props[:, top] * np.asarray(x_test.sum(1))
+        paths.append(predicted_vs_observed(np.log1p(x_test[:, top].toarray()), np.log1p(expected), [genes[i] for i in top],
+                                           output / "denoised_vs_heldout.png", xlabel="log1p held-out count",
+                                           ylabel="log1p predicted"))
+        return paths
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
+        """Export the fine-tuned model folder (model with its gene names, tokenizer, manifest, card)."""
+        self._require_model()
+        summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
+        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
+
+    @classmethod
+    def load(cls, folder, config: FinetuneConfig | None = None, **keys) -> Imputer:
+        """Load a fine-tuned imputation folder or hub id (see :meth:`save`)."""
+        model, tokenizer = load_model_folder(resolve_model(folder))
+        if not isinstance(model, CellTransformerForImputation):
+            raise InputError(f"{folder}: not an imputation model (it is {type(model).__name__}).")
+        task = cls(folder, config, **keys)
+        task.model, task.tokenizer = model, tokenizer
+        return task
+
+
+def denoise(adata: ad.AnnData, model, *, key_added: str = KEY_ADDED, layer: str | None = None,
+            gene_key: str | None = None, copy: bool = False) -> ad.AnnData | None:
+    """Denoised expression (CP10k) from a fine-tuned imputation model into ``layers[key_added]``.
+
+    Parameters
+    ----------
+    adata
+        Raw counts (``X`` or ``layers[layer]``).
+    model
+        A fine-tuned imputation folder, hub id, or :class:`Imputer`.
+    key_added
+        Writes ``layers[key_added]`` (default ``atlasformer_denoised``).
+    copy
+        Return an annotated copy instead of writing into ``adata``.
+    """
+    task = model if isinstance(model, Imputer) else Imputer.load(model, layer=layer, gene_key=gene_key)
+    target = adata.copy() if copy else adata
+    task.write_outputs(adata, target, key_added=key_added)
+    return target if copy else None

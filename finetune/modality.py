@@ -1,0 +1,281 @@
+"""Modality prediction: a cell's protein (CITE-seq ADT) or chromatin accessibility (ATAC) from its RNA.
+
+Trained on paired cells, given as a second file with identical ``obs_names`` (``paired``), an ``obsm``
+key of the RNA AnnData (``paired_obsm``; rows that are all NaN are RNA-only cells), or the other
+modality of a MuData file (:func:`read_mudata_pair`). Targets follow BENCHMARKS.md: protein as the
+per-cell CLR of counts (``log1p(x) - mean over proteins of log1p(x)``, MSE loss), ATAC as accessibility
+``x > 0`` (BCE loss).
+
+Writes ``obsm['protein_predicted']`` (CLR scale) or ``obsm['atac_predicted']`` (accessibility
+probability), with feature names in ``uns['protein_predicted_names']`` / ``uns['atac_predicted_names']``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from atlasformer.model_zoo import CellTransformerForModality
+from atlasformer.pretrain.convert import resolve_model
+from atlasformer.pretrain.export import export_model_folder, load_model_folder
+from atlasformer.tokenization import InputError, read_h5ad
+
+from .common import (
+    build_task_model,
+    iter_model_outputs,
+    load_backbone,
+    model_batch,
+    run_model,
+    split_cells,
+    tokenize_for_model,
+)
+from .config import FinetuneConfig
+from .fit import fit
+from .metrics import atac_metrics, clr, protein_metrics
+from .plots import predicted_vs_observed, roc_curve_plot
+
+MODALITY_NAMES = {"protein": ("prot", "protein", "adt", "cite"), "atac": ("atac", "peaks", "chromatin")}
+
+
+def read_mudata_pair(path: str | os.PathLike, modality: Literal["protein", "atac"], *, rna: str = "rna"):
+    """``(rna, other)`` AnnData of a MuData ``.h5mu`` file (needs the ``mudata`` package).
+
+    The other modality is the first of ``MODALITY_NAMES[modality]`` present in ``mdata.mod``.
+    """
+    try:
+        import mudata
+    except ImportError as err:
+        raise InputError("reading .h5mu files needs the mudata package: pip install mudata "
+                         "(or pass the paired modality as a second h5ad file).") from err
+    mdata = mudata.read_h5mu(path)
+    other = next((m for m in MODALITY_NAMES[modality] if m in mdata.mod), None)
+    if rna not in mdata.mod or other is None:
+        raise InputError(f"{path}: needs modalities {rna!r} and one of {MODALITY_NAMES[modality]}; has {list(mdata.mod)}.")
+    return mdata.mod[rna], mdata.mod[other]
+
+
+def paired_matrix(adata: ad.AnnData, paired, *, source: str = "data") -> tuple[np.ndarray, list[str]]:
+    """(cells of ``adata``, features) dense values of a paired AnnData / file, aligned by ``obs_names``."""
+    if isinstance(paired, (str, os.PathLike)) and str(paired).endswith(".h5mu"):
+        raise InputError(f"{paired}: a MuData file; read it with read_mudata_pair(path, modality) and pass the "
+                         "other modality, or use the paired h5ad files.")
+    if isinstance(paired, (str, os.PathLike)):
+        label = str(paired)
+        paired = read_h5ad(paired, backed=False)
+    else:
+        label = "paired data"
+    if set(paired.obs_names) != set(adata.obs_names) or paired.n_obs != adata.n_obs:
+        shared = len(set(paired.obs_names) & set(adata.obs_names))
+        raise InputError(f"{label}: obs_names must be identical to {source}'s ({adata.n_obs} cells; {paired.n_obs} in the "
+                         f"paired file, {shared} shared). Pass both modalities of the same cells.")
+    if not paired.obs_names.equals(adata.obs_names):
+        paired = paired[adata.obs_names]  # same cells in another order
+    x = paired.X.to_memory() if hasattr(paired.X, "to_memory") else paired.X
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    return x.astype(np.float32), [str(n) for n in paired.var_names]
+
+
+def obsm_matrix(adata: ad.AnnData, key: str, *, source: str = "data") -> tuple[np.ndarray, list[str]]:
+    """Paired values stored in ``adata.obsm[key]`` and their names (DataFrame columns, ``uns[key + '_names']``)."""
+    if key not in adata.obsm:
+        raise InputError(f"{source}: obsm[{key!r}] not found; available: {list(adata.obsm.keys())}.")
+    value = adata.obsm[key]
+    if isinstance(value, pd.DataFrame):
+        return value.to_numpy(dtype=np.float32), [str(c) for c in value.columns]
+    x = value.toarray() if sp.issparse(value) else np.asarray(value)
+    names = adata.uns.get(f"{key}_names")
+    names = [str(n) for n in names] if names is not None else [f"{key}_{i}" for i in range(x.shape[1])]
+    return x.astype(np.float32), names
+
+
+def modality_targets(values: np.ndarray, modality: str, source: str = "paired data") -> np.ndarray:
+    """Training targets from paired raw values: per-cell CLR (protein) or ``x > 0`` (ATAC)."""
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() < 0:
+        raise InputError(f"{source}: negative values (min {finite.min():.3g}); pass raw {modality} counts, "
+                         "atlasformer computes the targets (CLR for protein, x > 0 for ATAC).")
+    if modality == "protein":
+        return clr(np.nan_to_num(values))
+    return (values > 0).astype(np.float32)
+
+
+def start_at_mean(model: CellTransformerForModality, mean: np.ndarray, modality: str) -> None:
+    """Set the output bias to the training mean (as a logit for ATAC): a head starting at the mean predictor
+    learns the cell-specific part instead of spending its first steps on feature frequencies."""
+    mean = np.asarray(mean, dtype=np.float64)
+    bias = np.log(np.clip(mean, 1e-4, 1 - 1e-4) / np.clip(1 - mean, 1e-4, 1)) if modality == "atac" else mean
+    with torch.no_grad():
+        model.head.out.bias.copy_(torch.as_tensor(bias, dtype=model.head.out.bias.dtype))
+
+
+class ModalityPredictor:
+    """Fine-tunes and applies an RNA -> protein or RNA -> ATAC model (the task's user-facing model).
+
+    Parameters
+    ----------
+    model
+        Pretrained model folder or hub id; ignored with ``config.from_scratch``.
+    config
+        Fine-tuning settings.
+    modality
+        ``"protein"`` or ``"atac"``.
+    paired
+        The paired modality: an AnnData or h5ad path with the same ``obs_names`` (may also be given to ``fit``).
+    paired_obsm
+        Or the obsm key of the RNA AnnData holding the paired values (all-NaN rows: RNA-only cells).
+    layer, gene_key, batch_key
+        Where counts, gene identifiers and batches (for ``config.val_batch``) are.
+    """
+
+    def __init__(self, model=None, config: FinetuneConfig | None = None, *, modality: Literal["protein", "atac"] = "protein",
+                 paired=None, paired_obsm: str | None = None, layer: str | None = None, gene_key: str | None = None,
+                 batch_key: str | None = None):
+        if modality not in MODALITY_NAMES:
+            raise InputError(f"modality must be 'protein' or 'atac', got {modality!r}.")
+        self.model_source = model
+        self.config = config or FinetuneConfig()
+        self.modality, self.paired, self.paired_obsm = modality, paired, paired_obsm
+        self.layer, self.gene_key, self.batch_key = layer, gene_key, batch_key
+        self.model: CellTransformerForModality | None = None
+        self.tokenizer = None
+        self.validation: dict = {}
+        self._plot_data: dict | None = None
+
+    @property
+    def key_added(self) -> str:
+        return f"{self.modality}_predicted"
+
+    # ------------------------------------------------------------------ training
+    def fit(self, adata: ad.AnnData, source: str = "data", paired=None) -> dict:
+        """Fine-tune on the paired cells of ``adata``; returns validation metrics with the mean baseline's."""
+        cfg = self.config
+        paired = paired if paired is not None else self.paired
+        if paired is None and self.paired_obsm is None:
+            raise InputError("modality prediction needs the paired modality: --paired FILE (same obs_names) or "
+                             "paired_obsm=KEY (an obsm key of the RNA file).")
+        raw, names = (paired_matrix(adata, paired, source=source) if paired is not None
+                      else obsm_matrix(adata, self.paired_obsm, source=source))
+        has_target = ~np.all(np.isnan(raw), axis=1)
+        targets = modality_targets(raw, self.modality)
+        backbone, self.tokenizer, config = load_backbone(self.model_source, cfg, [adata], gene_key=self.gene_key)
+        data = tokenize_for_model(adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key, source=source)
+        y = targets[data.cells.cell_index]  # (cells, features), rows as data.cells
+        model = build_task_model(CellTransformerForModality, backbone, config, modality=self.modality,
+                                 feature_names=names, task="modality")
+        train, val = split_cells(data.obs, cfg, self.batch_key, usable=has_target[data.cells.cell_index])
+        if len(val) == 0:
+            raise InputError("modality prediction is validated on held-out cells: set val_fraction > 0 or val_batch.")
+        cells, tokenizer = data.cells, self.tokenizer
+        mean_prediction = np.broadcast_to(y[train].mean(0), y[val].shape)
+        start_at_mean(model, y[train].mean(0), self.modality)
+        baseline = self._metrics(y[val], mean_prediction)
+
+        def make_batch(rows):
+            sel = train[rows]
+            batch = model_batch(cells, sel, tokenizer)
+            batch["targets"] = torch.from_numpy(y[sel])
+            return batch
+
+        def predictions(m, rows):
+            return run_model(m, cells, tokenizer, rows=rows, outputs=lambda out: out.extras["predictions"])
+
+        def validate(m):
+            metrics = self._metrics(y[val], predictions(m, val))
+            metrics.update(mean_baseline=baseline, n_train=int(len(train)), n_val=int(len(val)), n_features=len(names))
+            score = -metrics["rmse"] if self.modality == "protein" else metrics["auroc_per_feature"]
+            return (score if np.isfinite(score) else metrics.get("auroc", -np.inf)), metrics
+
+        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description=f"modality ({self.modality})")
+        self._plot_data = {"true": y[val], "pred": predictions(self.model, val), "names": names}
+        return self.validation
+
+    def _metrics(self, true: np.ndarray, pred: np.ndarray) -> dict:
+        return protein_metrics(true, pred) if self.modality == "protein" else atac_metrics(true, pred)
+
+    # ------------------------------------------------------------------ inference
+    def _require_model(self):
+        if self.model is None:
+            raise InputError("this ModalityPredictor has no model yet: call fit(adata) or ModalityPredictor.load(folder).")
+
+    def predict(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+        """(cells, features) predictions (CLR or accessibility probability) from RNA alone; NaN for cells
+        without any vocabulary gene."""
+        self._require_model()
+        out = np.full((adata.n_obs, len(self.model.config.feature_names)), np.nan, dtype=np.float32)
+        for rows, pred in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+                                             source=source, chunk_size=self.config.chunk_size,
+                                             outputs=lambda o: o.extras["predictions"]):
+            out[rows] = pred
+        return out
+
+    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+        """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""
+        self._require_model()
+        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
+        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+                                            source=source, chunk_size=self.config.chunk_size):
+            out[rows] = emb
+        return out
+
+    def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str | None = None, source: str = "data") -> None:
+        """Write predictions into ``target.obsm[key_added]`` and names into ``target.uns[key_added + '_names']``."""
+        key = key_added or self.key_added
+        target.obsm[key] = self.predict(adata, source=source)
+        target.uns[f"{key}_names"] = np.asarray(self.model.config.feature_names, dtype=object)
+
+    def plots(self, output: Path) -> list[Path]:
+        """Protein: predicted vs observed CLR per protein; ATAC: ROC curve (validation cells)."""
+        if self._plot_data is None:
+            return []
+        true, pred, names = self._plot_data["true"], self._plot_data["pred"], self._plot_data["names"]
+        if self.modality == "protein":
+            return [predicted_vs_observed(true, pred, names, Path(output) / "protein_predicted_vs_observed.png",
+                                          xlabel="observed CLR", ylabel="predicted CLR")]
+        return [roc_curve_plot(true, pred, Path(output) / "atac_roc.png", "ATAC accessibility (validation cells)")]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
+        """Export the fine-tuned model folder (model with modality and feature names, tokenizer, manifest, card)."""
+        self._require_model()
+        summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
+        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
+
+    @classmethod
+    def load(cls, folder, config: FinetuneConfig | None = None, **keys) -> ModalityPredictor:
+        """Load a fine-tuned modality folder (see :meth:`save`); the modality comes from its config."""
+        model, tokenizer = load_model_folder(resolve_model(folder))
+        if not isinstance(model, CellTransformerForModality):
+            raise InputError(f"{folder}: not a modality model (it is {type(model).__name__}).")
+        keys.pop("modality", None)
+        task = cls(folder, config, modality=model.config.modality, **keys)
+        task.model, task.tokenizer = model, tokenizer
+        return task
+
+
+def predict_modality(adata: ad.AnnData, model, *, key_added: str | None = None, layer: str | None = None,
+                     gene_key: str | None = None, copy: bool = False) -> ad.AnnData | None:
+    """Predict protein or ATAC from RNA with a fine-tuned modality model.
+
+    Parameters
+    ----------
+    adata
+        Raw RNA counts (``X`` or ``layers[layer]``).
+    model
+        A fine-tuned modality folder, hub id, or :class:`ModalityPredictor`.
+    key_added
+        Writes ``obsm[key_added]`` and ``uns[key_added + '_names']`` (default ``protein_predicted`` or
+        ``atac_predicted``).
+    copy
+        Return an annotated copy instead of writing into ``adata``.
+    """
+    task = model if isinstance(model, ModalityPredictor) else ModalityPredictor.load(model, layer=layer, gene_key=gene_key)
+    target = adata.copy() if copy else adata
+    task.write_outputs(adata, target, key_added=key_added)
+    return target if copy else None

@@ -1,0 +1,127 @@
+"""`atlasformer benchmark` end to end on small files: results.json rows, report.md, skipped methods."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from atlasformer.cli import main
+from atlasformer.finetune.benchmark import BenchmarkConfig, dataset_name, result_rows, run_benchmark
+from atlasformer.finetune.benchmark_report import summary_table, verdict
+from atlasformer.finetune.config import FinetuneConfig
+from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining
+from atlasformer.pretrain.export import export_model_folder
+from atlasformer.tokenization import CellTokenizer, TokenizerConfig, build_vocab
+
+ROW_KEYS = {"task", "dataset", "method", "metric", "seed", "value"}
+
+
+@pytest.fixture
+def kang_small(tmp_path, shared_data):
+    adata = ad.read_h5ad(shared_data("kang_pbmc_8donors.h5ad"))
+    donors = adata.obs["batch"].value_counts().index[:3]
+    adata = adata[adata.obs["batch"].isin(donors)]
+    adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, 700, replace=False))].copy()
+    path = tmp_path / "kang_small.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tmp_path, sim_adata):
+    vocab = build_vocab([sim_adata])
+    tokenizer = CellTokenizer(vocab, TokenizerConfig(max_seq_len=64))
+    config = CellTransformerConfig(vocab_size=len(vocab), d_model=16, n_layers=1, n_heads=2, n_bins=tokenizer.config.n_bins,
+                                   pad_token_id=vocab.pad_id, cls_token_id=vocab.cls_id, mask_token_id=vocab.mask_id)
+    return export_model_folder(CellTransformerForPretraining(config), tokenizer, tmp_path / "tiny_model", {})
+
+
+def test_dataset_names_follow_formats():
+    assert dataset_name("/x/pbmc1k_cite.rna.h5ad") == "pbmc1k_cite"
+    assert dataset_name("kang_pbmc_8donors.h5ad") == "kang_pbmc_8donors"
+
+
+def test_cli_annotation_writes_results_and_report(kang_small, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["benchmark", "--task", "annotation", "--data", str(kang_small), "--labels-key", "cell_type",
+                 "--batch-key", "batch", "--methods", "logreg", "pca_knn", "--seeds", "0", "--output", str(out),
+                 "min_holdout_cells=100"])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())
+    aggregate = [r for r in rows if "fold" not in r]
+    assert all(set(r) == ROW_KEYS for r in aggregate)
+    assert {(r["method"], r["metric"]) for r in aggregate} == {(m, k) for m in ("logreg", "pca_knn")
+                                                                 for k in ("accuracy", "macro_f1")}
+    assert all(r["task"] == "annotation" and r["dataset"] == "kang_small" and r["seed"] == 0 for r in rows)
+    folds = [r for r in rows if "fold" in r]
+    assert folds and set(folds[0]) == ROW_KEYS | {"fold"}
+    # the aggregate is the mean over held-out batches
+    logreg_acc = [r["value"] for r in folds if r["method"] == "logreg" and r["metric"] == "accuracy"]
+    agg = next(r["value"] for r in aggregate if r["method"] == "logreg" and r["metric"] == "accuracy")
+    assert agg == pytest.approx(np.mean(logreg_acc)) and agg > 0.6
+    report = (out / "report.md").read_text()
+    assert "## annotation: kang_small" in report and "| logreg |" in report and "**" in report
+    assert "wall time" in report and "Goal not assessed" in report
+    assert (out / "annotation_kang_small.png").exists()
+
+
+def test_cli_says_which_tasks_a_file_cannot_support(kang_small, tmp_path, capsys):
+    code = main(["benchmark", "--task", "annotation", "--data", str(kang_small), "--batch-key", "batch",
+                 "--output", str(tmp_path / "b")])
+    assert code == 2 and "--labels-key" in capsys.readouterr().err
+    code = main(["benchmark", "--task", "integration", "--data", str(kang_small), "--labels-key", "cell_type",
+                 "--output", str(tmp_path / "b")])
+    assert code == 2 and "at least 2 batches" in capsys.readouterr().err
+    code = main(["benchmark", "--task", "imputation", "--data", str(kang_small), "--methods", "logreg",
+                 "--output", str(tmp_path / "b")])
+    assert code == 2 and "do not apply to imputation" in capsys.readouterr().err
+
+
+def test_modality_and_imputation_rows(shared_data, tmp_path):
+    cfg = BenchmarkConfig()
+    result = run_benchmark("modality", shared_data("pbmc1k_cite.rna.h5ad"), paired=shared_data("pbmc1k_cite.protein.h5ad"),
+                           modality="protein", methods=["mean", "ridge"], seeds=(1,), output=tmp_path / "m", config=cfg)
+    values = {(r["method"], r["metric"]): r["value"] for r in result["rows"] if "fold" not in r}
+    assert values[("ridge", "rmse")] < values[("mean", "rmse")]
+    assert {r["dataset"] for r in result["rows"]} == {"pbmc1k_cite"}
+    result = run_benchmark("imputation", shared_data("pbmc1k_cite.rna.h5ad"), methods=["no_denoising", "knn_smoothing"],
+                           seeds=(0,), output=tmp_path / "i", config=cfg)
+    values = {(r["method"], r["metric"]): r["value"] for r in result["rows"]}
+    assert values[("knn_smoothing", "poisson_nll")] < values[("no_denoising", "poisson_nll")]
+
+
+def test_atlasformer_methods_run_or_are_skipped_with_the_reason(tmp_path, sim_adata, tiny_model):
+    data = tmp_path / "sim.h5ad"
+    sim_adata.write_h5ad(data)
+    cfg = BenchmarkConfig(finetune=FinetuneConfig(epochs=1, batch_size=64), min_holdout_cells=100)
+    result = run_benchmark("annotation", data, labels_key="cell_type", batch_key="batch", model=tiny_model,
+                           methods=["atlasformer", "atlasformer_scratch", "atlasformer_zeroshot", "pca_knn"], seeds=(0,),
+                           output=tmp_path / "a", config=cfg)
+    assert {r["method"] for r in result["rows"]} == {"atlasformer", "atlasformer_scratch", "atlasformer_zeroshot", "pca_knn"}
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "**Goal met:**" in report or "**Goal not met:**" in report
+    # gene names lost (row numbers): the pretrained vocabulary cannot tokenize it; the rest still runs
+    lost = sim_adata.copy()
+    lost.var_names = [str(i) for i in range(lost.n_vars)]
+    lost.write_h5ad(tmp_path / "lost.h5ad")
+    result = run_benchmark("annotation", tmp_path / "lost.h5ad", labels_key="cell_type", batch_key="batch",
+                           model=tiny_model, methods=["atlasformer_zeroshot", "pca_knn"], seeds=(0,),
+                           output=tmp_path / "l", config=cfg)
+    assert "gene names were lost" in result["skipped"]["atlasformer_zeroshot"]
+    assert {r["method"] for r in result["rows"]} == {"pca_knn"}
+    assert "gene names were lost" in (tmp_path / "l" / "report.md").read_text()
+
+
+def test_verdict_compares_with_scratch_and_best_baseline():
+    rows = []
+    for method, acc in {"atlasformer": 0.9, "atlasformer_scratch": 0.8, "logreg": 0.92, "pca_knn": 0.85}.items():
+        rows += result_rows("annotation", "d", 0, {method: [(None, {"accuracy": acc})]})
+    table = summary_table(rows).loc[("annotation", "d")]
+    line = verdict(table, ["accuracy"], ["atlasformer", "atlasformer_scratch", "logreg", "pca_knn"], {})
+    assert line.startswith("**Goal not met:**") and "logreg 0.920 (worse)" in line and "(better)" in line
+    rows = [dict(r, value=0.95) if r["method"] == "atlasformer" else r for r in rows]
+    table = summary_table(rows).loc[("annotation", "d")]
+    assert verdict(table, ["accuracy"], ["atlasformer", "atlasformer_scratch", "logreg"], {}).startswith("**Goal met:**")
