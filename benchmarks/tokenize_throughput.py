@@ -508,9 +508,8 @@ def main() -> None:
         results["datasets"][data.name] = bench_dataset(data, preprocess, gene_tokenizer, args.repeats, args.compare_cells)
     results["tie_free_control"] = tie_free_control(preprocess, datasets[0])
     load_after = os.getloadavg()
-    results["note"] = (f"The 2 cores were shared with other agents' jobs during the run (load average "
-                       f"{load_before[0]:.1f} at start, {load_after[0]:.1f} at end); CPU-time rates are the headline "
-                       "because waiting for a core does not count in them.")
+    results["load_average"] = {"start": load_before[0], "end": load_after[0]}
+    results["note"] = note(load_before[0], load_after[0])
     ours_cpu = sum(r["timing"]["atlasformer_binned"]["cpu_s"] for r in results["datasets"].values())
     scgpt_cpu = sum(r["timing"]["scgpt"]["cpu_s"] for r in results["datasets"].values())
     n_cells = sum(r["n_cells"] for r in results["datasets"].values())
@@ -524,6 +523,12 @@ def main() -> None:
                         "user_ratio_vs_scgpt": scgpt_user / ours_user}
     write_results(results)
     print(json.dumps(final_line(results["total"])))
+
+
+def note(load_start: float, load_end: float) -> str:
+    return (f"The machine's 2 cores are shared with other agents' jobs; the 1-minute load average was "
+            f"{load_start:.1f} at the start of this run and {load_end:.1f} at its end (the run itself counts for 1). "
+            "CPU-time rates are the headline because waiting for a core does not count in them.")
 
 
 def final_line(total: dict) -> dict:
