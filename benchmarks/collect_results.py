@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="pretrained run folder (its model/ is described in the report)")
     parser.add_argument("--budgets", default="", help="a sentence stating the budgets used")
     parser.add_argument("--title", default="atlasformer public benchmark")
+    parser.add_argument("--conditions", default="Wall times are indicative: other jobs may have shared the cores.",
+                        help="a sentence on how the runs shared the machine")
     args = parser.parse_args()
 
     rows, metas = [], []
@@ -53,9 +55,8 @@ def main() -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_facts(Path(args.checkpoint)) if args.checkpoint else {}
-    preamble = ["Measured by `atlasformer benchmark` runs, collected by "
-                "benchmarks/collect_results.py; other agents' jobs shared the 2 cores during the run, so wall times are "
-                "indicative. Every number below was measured in this run.", ""]
+    preamble = ["Measured by `atlasformer benchmark` runs, collected by benchmarks/collect_results.py. "
+                f"{args.conditions} Every number below was measured in this run.", ""]
     if args.budgets:
         preamble += [f"Budgets: {args.budgets}.", ""]
     if ckpt:

@@ -8,8 +8,9 @@
 #
 # The pretrained checkpoint goes to benchmarks/checkpoints/public-small/ (git-ignored) and is reused when
 # present; each task's raw output goes to benchmarks/results/public_runs/<name>/ (results.json, report.md,
-# plots). Environment: DATA (default ../shared/data), SEEDS, THREADS (torch threads, default 2), PY / AF,
-# ONLY (a regex of run names, e.g. ONLY='modality|baron', to run a subset).
+# plots). Environment: DATA (default ../shared/data), SEEDS, THREADS (torch threads per run, default 1), PY / AF,
+# REFERENCE (0 leaves out the scvi_tools method), JOBS (benchmark runs side by side, default 2), ONLY (a regex of run names, e.g. ONLY='modality|baron', to run
+# a subset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,19 +18,22 @@ PY=${PY:-.venv/bin/python}
 AF=${AF:-.venv/bin/atlasformer}
 DATA=${DATA:-../shared/data}
 SEEDS=${SEEDS:-"0 1 2"}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}
+JOBS=${JOBS:-2}
+PRETRAIN_THREADS=${PRETRAIN_THREADS:-2}
 CKPT=benchmarks/checkpoints/public-small
 RUNS=${RUNS:-benchmarks/results/public_runs}
-export OMP_NUM_THREADS=$THREADS
+export OMP_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS
 
 # Budgets, chosen so that the whole script fits in about 3 hours on 2 cores:
-#   pretraining: configs/pretrain/public_small.yaml (3.4M parameters, 3,000 steps of 32 cells, ~1 h);
-#   fine-tuning (atlasformer and atlasformer_scratch alike): at most 300 steps of 32 cells per fit;
+#   pretraining: configs/pretrain/public_small.yaml (4,000 steps of 32 cells, about 20 min on 2 idle cores);
+#   fine-tuning (atlasformer and atlasformer_scratch alike): at most FINETUNE_STEPS steps of 32 cells per fit
+#   (about 100 fits: folds x seeds x the two methods);
 #   scVI / scvi-tools: 50 epochs (scvi-tools' default would be 400 here: hours on a CPU);
-#   totalVI: scvi-tools' defaults (<= 400 epochs with early stopping; the paired files are small).
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-3000}
-FINETUNE=(finetune.max_steps=${FINETUNE_STEPS:-300} finetune.epochs=50 finetune.lr=0.0003 scratch_lr=0.002
-          scvi_epochs=${SCVI_EPOCHS:-50} threads=$THREADS)
+#   totalVI: at most 200 epochs with early stopping.
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-4000}
+FINETUNE=(finetune.max_steps=${FINETUNE_STEPS:-150} finetune.epochs=50 finetune.lr=0.0003 scratch_lr=0.002
+          scvi_epochs=${SCVI_EPOCHS:-50} totalvi_epochs=${TOTALVI_EPOCHS:-200} threads=$THREADS)
 if [[ "${QUICK:-0}" == "1" ]]; then
     PRETRAIN_STEPS=${PRETRAIN_STEPS_QUICK:-800}
     FINETUNE=(finetune.max_steps=120 finetune.epochs=50 finetune.lr=0.0003 scratch_lr=0.002 scvi_epochs=25
@@ -44,34 +48,63 @@ CORPUS=()
 for name in "${HUMAN[@]}"; do CORPUS+=("$DATA/$name.h5ad"); done
 if [[ ! -f "$CKPT/model/atlasformer.json" ]]; then
     start=$(date +%s)
-    "$AF" pretrain --data "${CORPUS[@]}" --output "$CKPT" --config configs/pretrain/public_small.yaml \
-        max_steps="$PRETRAIN_STEPS" threads="$THREADS"
+    OMP_NUM_THREADS=$PRETRAIN_THREADS "$AF" pretrain --data "${CORPUS[@]}" --output "$CKPT" \
+        --config configs/pretrain/public_small.yaml max_steps="$PRETRAIN_STEPS" threads="$PRETRAIN_THREADS"
     echo "pretraining took $(( $(date +%s) - start )) s" | tee "$CKPT/pretrain_seconds.txt"
 else
     echo "reusing $CKPT/model"
 fi
 printf '%s\n' "${CORPUS[@]}" > "$CKPT/corpus.txt"
 
-# 2. every task on the public datasets of docs/benchmarks.md, all methods, the seeds above
+# 2. every task on the public datasets of docs/benchmarks.md, all methods, the seeds above. JOBS runs go side
+#    by side, each with THREADS torch threads (small models use 1 thread better than 2); the longest first.
+# scvi_tools (the reference package) is left out with REFERENCE=0, e.g. where the budget is short
+methods() {
+    local task=$1 reference=""
+    [[ "${REFERENCE:-1}" == "1" && $task != modality ]] && reference=scvi_tools
+    case $task in
+        annotation) echo "atlasformer atlasformer_scratch atlasformer_zeroshot scvi logreg pca_knn $reference" ;;
+        integration) echo "atlasformer atlasformer_scratch atlasformer_zeroshot scvi pca harmony $reference" ;;
+        imputation) echo "atlasformer atlasformer_scratch atlasformer_zeroshot scvi no_denoising knn_smoothing $reference" ;;
+        modality) echo "atlasformer atlasformer_scratch atlasformer_zeroshot totalvi mean ridge knn" ;;
+    esac
+}
 bench() {
     local name=$1; shift
     if [[ -n "${ONLY:-}" && ! "$name" =~ ${ONLY} ]]; then echo "$name: not selected (ONLY=$ONLY)"; return; fi
     local start; start=$(date +%s)
-    "$AF" benchmark "$@" --model "$CKPT/model" --seeds $SEEDS --output "$RUNS/$name" "${FINETUNE[@]}"
+    mkdir -p "$RUNS/$name"
+    # shellcheck disable=SC2046  # the method names are words
+    "$AF" benchmark "$@" --methods $(methods "$2") --model "$CKPT/model" --seeds $SEEDS --output "$RUNS/$name" \
+        "${FINETUNE[@]}" \
+        > "$RUNS/$name/log.txt" 2>&1 || { echo "$name: FAILED after $(( $(date +%s) - start )) s (see $RUNS/$name/log.txt)"; return 1; }
     echo "$name: $(( $(date +%s) - start )) s"
 }
-bench annotation_kang --task annotation --data "$DATA/kang_pbmc_8donors.h5ad" --labels-key cell_type --batch-key batch
-bench annotation_cellbench --task annotation --data "$DATA/cellbench_lung_lines_5batches.h5ad" --labels-key cell_line --batch-key batch
-bench annotation_baron --task annotation --data "$DATA/baron_mouse_pancreas.h5ad" --labels-key cell_type --batch-key batch
-bench integration_kang --task integration --data "$DATA/kang_pbmc_8donors.h5ad" --labels-key cell_type --batch-key batch
-bench integration_cellbench --task integration --data "$DATA/cellbench_lung_lines_5batches.h5ad" --labels-key cell_line --batch-key batch
-bench integration_baron --task integration --data "$DATA/baron_mouse_pancreas.h5ad" --labels-key cell_type --batch-key batch
-bench imputation_kang --task imputation --data "$DATA/kang_pbmc_8donors.h5ad" --batch-key batch
-bench imputation_pbmc4k --task imputation --data "$DATA/pbmc4k_10x_v2.h5ad"
-bench modality_pbmc1k --task modality --data "$DATA/pbmc1k_cite.rna.h5ad" --paired "$DATA/pbmc1k_cite.protein.h5ad" --modality protein
-bench modality_eccite --task modality --data "$DATA/eccite_pbmc_500.rna.h5ad" --paired "$DATA/eccite_pbmc_500.protein.h5ad" --modality protein --batch-key batch
-bench modality_scicar --task modality --data "$DATA/scicar_mouse_kidney.rna.h5ad" --paired "$DATA/scicar_mouse_kidney.atac.h5ad" --modality atac --batch-key batch
+RUNS_LIST=(
+  "annotation_kang --task annotation --data $DATA/kang_pbmc_8donors.h5ad --labels-key cell_type --batch-key batch"
+  "integration_kang --task integration --data $DATA/kang_pbmc_8donors.h5ad --labels-key cell_type --batch-key batch"
+  "annotation_cellbench --task annotation --data $DATA/cellbench_lung_lines_5batches.h5ad --labels-key cell_line --batch-key batch"
+  "annotation_baron --task annotation --data $DATA/baron_mouse_pancreas.h5ad --labels-key cell_type --batch-key batch"
+  "imputation_kang --task imputation --data $DATA/kang_pbmc_8donors.h5ad --batch-key batch"
+  "imputation_pbmc4k --task imputation --data $DATA/pbmc4k_10x_v2.h5ad"
+  "modality_scicar --task modality --data $DATA/scicar_mouse_kidney.rna.h5ad --paired $DATA/scicar_mouse_kidney.atac.h5ad --modality atac --batch-key batch"
+  "integration_cellbench --task integration --data $DATA/cellbench_lung_lines_5batches.h5ad --labels-key cell_line --batch-key batch"
+  "integration_baron --task integration --data $DATA/baron_mouse_pancreas.h5ad --labels-key cell_type --batch-key batch"
+  "modality_pbmc1k --task modality --data $DATA/pbmc1k_cite.rna.h5ad --paired $DATA/pbmc1k_cite.protein.h5ad --modality protein"
+  "modality_eccite --task modality --data $DATA/eccite_pbmc_500.rna.h5ad --paired $DATA/eccite_pbmc_500.protein.h5ad --modality protein --batch-key batch"
+)
+failed=0
+running=0
+for run in "${RUNS_LIST[@]}"; do
+    # shellcheck disable=SC2086  # each entry is a name followed by its flags
+    bench $run &
+    running=$((running + 1))
+    if (( running >= JOBS )); then wait -n || failed=1; running=$((running - 1)); fi
+done
+while (( running > 0 )); do wait -n || failed=1; running=$((running - 1)); done
 
 # 3. one report over everything
+[[ $failed == 0 ]] || echo "some runs failed; the report covers the others"
 "$PY" benchmarks/collect_results.py "$RUNS"/*/ --checkpoint "$CKPT" --output benchmarks/results/public \
-    --budgets "pretraining ${PRETRAIN_STEPS} steps; ${FINETUNE[*]}; seeds ${SEEDS}"
+    --budgets "pretraining ${PRETRAIN_STEPS} steps; ${FINETUNE[*]}; seeds ${SEEDS}" \
+    --conditions "${JOBS} benchmark runs went side by side on the machine's cores, ${THREADS} torch thread(s) each."

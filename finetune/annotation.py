@@ -17,12 +17,11 @@ import pandas as pd
 import torch
 
 from atlasformer.model_zoo import CellTransformerForAnnotation
-from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import export_model_folder, load_model_folder
 from atlasformer.tokenization import InputError
 from atlasformer.tokenization.anndata_io import check_obs_key
 
 from .common import (
+    FinetunedTask,
     build_task_model,
     iter_model_outputs,
     load_backbone,
@@ -38,7 +37,7 @@ from .metrics import classification_metrics, plot_confusion_matrix
 UNKNOWN = "unknown"
 
 
-class Annotator:
+class Annotator(FinetunedTask):
     """Fine-tunes and applies a cell-type classifier (the task's user-facing model).
 
     Parameters
@@ -54,6 +53,8 @@ class Annotator:
     layer, gene_key
         Where counts and gene identifiers are.
     """
+
+    model_class = CellTransformerForAnnotation
 
     def __init__(self, model=None, config: FinetuneConfig | None = None, *, labels_key: str = "cell_type",
                  batch_key: str | None = None, layer: str | None = None, gene_key: str | None = None):
@@ -112,9 +113,6 @@ class Annotator:
         return self.validation
 
     # ------------------------------------------------------------------ inference
-    def _require_model(self):
-        if self.model is None:
-            raise InputError("this Annotator has no model yet: call fit(adata) or Annotator.load(folder).")
 
     def predict(self, adata: ad.AnnData, source: str = "data") -> pd.DataFrame:
         """Per cell: ``label`` (``"unknown"`` below the threshold) and ``confidence``; index = obs_names."""
@@ -132,15 +130,6 @@ class Annotator:
             label[confidence < self.config.unknown_threshold] = UNKNOWN
         return pd.DataFrame({"label": label, "confidence": confidence}, index=adata.obs_names)
 
-    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
-        """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""
-        self._require_model()
-        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
-        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
-                                            source=source, chunk_size=self.config.chunk_size):
-            out[rows] = emb
-        return out
-
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = "atlasformer", source: str = "data") -> None:
         """Write predictions for ``adata`` into ``target.obs`` (FORMATS.md keys)."""
         pred = self.predict(adata, source=source)
@@ -152,23 +141,6 @@ class Annotator:
             return []
         true, pred = self._val_pairs
         return [plot_confusion_matrix(true, pred, output / "confusion_matrix.png", "validation cells")]
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
-        """Export the fine-tuned model folder (model, tokenizer, manifest, card with validation metrics)."""
-        self._require_model()
-        summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
-        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
-
-    @classmethod
-    def load(cls, folder, config: FinetuneConfig | None = None, **keys) -> Annotator:
-        """Load a fine-tuned annotation folder or hub id (see :meth:`save`)."""
-        model, tokenizer = load_model_folder(resolve_model(folder))
-        if not isinstance(model, CellTransformerForAnnotation):
-            raise InputError(f"{folder}: not an annotation model (it is {type(model).__name__}).")
-        annotator = cls(folder, config, **keys)
-        annotator.model, annotator.tokenizer = model, tokenizer
-        return annotator
 
 
 def annotate(adata: ad.AnnData, model, *, key_added: str = "atlasformer", unknown_threshold: float | None = None,
@@ -188,14 +160,9 @@ def annotate(adata: ad.AnnData, model, *, key_added: str = "atlasformer", unknow
     copy
         Return an annotated copy instead of writing into ``adata``.
     """
-    from dataclasses import replace
-
-    annotator = model if isinstance(model, Annotator) else Annotator.load(model, layer=layer, gene_key=gene_key)
-    if unknown_threshold is not None:
-        annotator.config = replace(annotator.config, unknown_threshold=unknown_threshold)
-    target = adata.copy() if copy else adata
-    annotator.write_outputs(adata, target, key_added=key_added)
-    return target if copy else None
+    changes = {"unknown_threshold": unknown_threshold} if unknown_threshold is not None else None
+    return Annotator.apply(adata, model, copy=copy, layer=layer, gene_key=gene_key, config_changes=changes,
+                           key_added=key_added)
 
 
 def save_metrics(metrics: dict, path: Path) -> Path:

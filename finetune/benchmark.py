@@ -334,9 +334,13 @@ def run_benchmark(task: str, data, *, output, paired=None, modality=None, labels
 
     Returns ``{"rows": [...], "timings": {method: seconds}, "skipped": {method: reason}, "report": path}``.
     """
+    import numba
     import torch
 
     cfg = config or BenchmarkConfig()
+    # numba (scanpy's kernels) shares torch's OpenMP runtime and sets it to every core when its thread pool
+    # starts: start it first, limited, then set torch's threads, or the torch methods use every core
+    numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(cfg.threads)
     inp = load_inputs(data, paired=paired, modality=modality, labels_key=labels_key, batch_key=batch_key, layer=layer,
                       gene_key=gene_key, model=model)

@@ -15,7 +15,7 @@ import torch
 
 from atlasformer.model_zoo import CellTransformer, CellTransformerConfig
 from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import load_model_folder
+from atlasformer.pretrain.export import export_model_folder, load_model_folder
 from atlasformer.tokenization import (
     CellTokenizer,
     InputError,
@@ -140,12 +140,19 @@ def read_counts(adata: ad.AnnData, layer: str | None = None, source: str = "data
     return sp.vstack([chunk.counts for chunk in iter_count_chunks(adata, layer=layer, source=source)]).tocsr()
 
 
+def model_gene_keys(adata: ad.AnnData, tokenizer: CellTokenizer, gene_key: str | None = None,
+                    source: str = "data") -> pd.Index:
+    """``adata``'s gene keys as ``tokenizer`` maps them (its gene-ID mode and gene table), one per var."""
+    return gene_keys(adata, gene_key, source=source, gene_id_mode=tokenizer.config.gene_id_mode,
+                     gene_table=tokenizer.config.gene_table)
+
+
 def gene_report(adata: ad.AnnData, tokenizer: CellTokenizer, *, gene_key=None, source="data",
                 features: list[str] | None = None) -> dict:
     """Print and return how ``adata``'s genes meet a fitted model: genes the model does not know (dropped), the
     model's genes absent from the file (treated as not expressed) and, for ``features`` a task predicts per
     gene, the ones the file lacks."""
-    keys = gene_keys(adata, gene_key, source=source)
+    keys = model_gene_keys(adata, tokenizer, gene_key, source)
     ids = tokenizer.vocab.lookup(keys)
     n_vocab = len(tokenizer.vocab) - len(tokenizer.config.special_tokens)
     report = {"n_genes": len(keys), "n_genes_in_vocab": int((ids >= 0).sum()),
@@ -184,3 +191,67 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+class FinetunedTask:
+    """What the four fine-tuning tasks share: the guard for an unfitted task, and saving and loading the
+    model folder. A task sets ``model_class`` (its ``CellTransformerFor...``) and ``model``/``tokenizer``/
+    ``validation`` in ``fit``; its constructor takes ``(model, config, **keys)``."""
+
+    model_class: type
+    model = None
+    tokenizer = None
+    validation: dict = {}
+
+    def _require_model(self) -> None:
+        if self.model is None:
+            name = type(self).__name__
+            raise InputError(f"this {name} has no model yet: call fit(adata) or {name}.load(folder).")
+
+    def _model_extra(self, adata: ad.AnnData, source: str) -> dict | None:
+        """Per-cell model inputs beyond the tokens, aligned with ``adata``'s rows (none by default)."""
+        return None
+
+    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+        """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""
+        self._require_model()
+        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
+        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+                                            source=source, chunk_size=self.config.chunk_size,
+                                            extra=self._model_extra(adata, source)):
+            out[rows] = emb
+        return out
+
+    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
+        """Export the fine-tuned model folder: model (with its task's names), tokenizer, manifest and a card
+        with the validation metrics."""
+        self._require_model()
+        summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
+        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
+
+    @classmethod
+    def load(cls, folder, config: FinetuneConfig | None = None, **keys):
+        """Load a fine-tuned folder or hub id written by :meth:`save`; ``keys`` go to the constructor."""
+        model, tokenizer = load_model_folder(resolve_model(folder))
+        if not isinstance(model, cls.model_class):
+            raise InputError(f"{folder}: not a {cls.__name__} model (it is {type(model).__name__}).")
+        task = cls(folder, config, **cls._keys_from_model(model, keys))
+        task.model, task.tokenizer = model, tokenizer
+        return task
+
+    @classmethod
+    def _keys_from_model(cls, model, keys: dict) -> dict:
+        """Constructor keys, with any the saved model fixes (e.g. the modality) taken from it."""
+        return keys
+
+    @classmethod
+    def apply(cls, adata: ad.AnnData, model, *, copy: bool, layer=None, gene_key=None, config_changes=None,
+              **write_kw) -> ad.AnnData | None:
+        """The body of the scanpy-shaped functions (``annotate``, ``integrate``, ...): load ``model`` unless it
+        is a fitted task, write its outputs into ``adata`` (or a copy, returned)."""
+        task = model if isinstance(model, cls) else cls.load(model, layer=layer, gene_key=gene_key)
+        if config_changes:
+            task.config = dataclasses.replace(task.config, **config_changes)
+        target = adata.copy() if copy else adata
+        task.write_outputs(adata, target, **write_kw)
+        return target if copy else None

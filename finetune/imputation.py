@@ -22,15 +22,15 @@ import pandas as pd
 import torch
 
 from atlasformer.model_zoo import CellTransformerForImputation
-from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import export_model_folder, load_model_folder
-from atlasformer.tokenization import InputError, gene_keys
+from atlasformer.tokenization import InputError
 
 from .common import (
+    FinetunedTask,
     build_task_model,
     iter_model_outputs,
     load_backbone,
     model_batch,
+    model_gene_keys,
     read_counts,
     run_model,
     split_cells,
@@ -45,7 +45,7 @@ KEY_ADDED = "atlasformer_denoised"
 THINNING = 0.9  # fraction of molecules the model sees (BENCHMARKS.md)
 
 
-class Imputer:
+class Imputer(FinetunedTask):
     """Fine-tunes and applies a denoising model (the task's user-facing model).
 
     Parameters
@@ -59,6 +59,8 @@ class Imputer:
     batch_key
         obs column with batches (needed for ``config.val_batch``).
     """
+
+    model_class = CellTransformerForImputation
 
     def __init__(self, model=None, config: FinetuneConfig | None = None, *, layer: str | None = None,
                  gene_key: str | None = None, batch_key: str | None = None):
@@ -84,7 +86,7 @@ class Imputer:
         rows_of_cells = data.cells.cell_index  # row in adata of each tokenized cell
         targets, held_out = x_train[rows_of_cells], x_test[rows_of_cells]  # (cells, genes) CSR
         library = np.asarray(targets.sum(1)).ravel().astype(np.float32)
-        genes = list(gene_keys(adata, self.gene_key, source=source))
+        genes = list(model_gene_keys(adata, self.tokenizer, self.gene_key, source))
         model = build_task_model(CellTransformerForImputation, backbone, config, feature_names=genes,
                                  likelihood=cfg.likelihood, task="imputation")
         train, val = split_cells(data.obs, cfg, self.batch_key)
@@ -114,15 +116,12 @@ class Imputer:
         return self.validation
 
     # ------------------------------------------------------------------ inference
-    def _require_model(self):
-        if self.model is None:
-            raise InputError("this Imputer has no model yet: call fit(adata) or Imputer.load(folder).")
 
     def predict(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, genes of ``adata``) expected expression in CP10k; NaN where the model has no prediction."""
         self._require_model()
         features = list(self.model.config.feature_names)
-        keys = gene_keys(adata, self.gene_key, source=source)
+        keys = model_gene_keys(adata, self.tokenizer, self.gene_key, source)
         position = pd.Index(features).get_indexer(keys)
         known = position >= 0
         if not known.any():
@@ -131,25 +130,18 @@ class Imputer:
         if not known.all():
             print(f"note: {source}: {int((~known).sum())} of its {len(keys)} genes were not in training "
                   f"(e.g. {list(keys[~known][:5])}); their denoised values are NaN.")
-        library = np.asarray(read_counts(adata, self.layer, source).sum(1)).ravel().astype(np.float32)
         out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
         for rows, props in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                               source=source, chunk_size=self.config.chunk_size,
-                                              outputs=lambda o: o.extras["proportions"], extra={"library_size": library}):
+                                              outputs=lambda o: o.extras["proportions"], extra=self._model_extra(adata, source)):
             block = np.full((len(rows), adata.n_vars), np.nan, dtype=np.float32)
             block[:, known] = props[:, position[known]] * 1e4
             out[rows] = block
         return out
 
-    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
-        """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""
-        self._require_model()
-        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
-        library = np.asarray(read_counts(adata, self.layer, source).sum(1)).ravel().astype(np.float32)
-        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
-                                            source=source, chunk_size=self.config.chunk_size, extra={"library_size": library}):
-            out[rows] = emb
-        return out
+    def _model_extra(self, adata: ad.AnnData, source: str) -> dict:
+        """The library size of every cell (the count decoder's scale)."""
+        return {"library_size": np.asarray(read_counts(adata, self.layer, source).sum(1)).ravel().astype(np.float32)}
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = KEY_ADDED, source: str = "data") -> None:
         """Write denoised CP10k expression of ``adata`` into ``target.layers[key_added]``."""
@@ -172,23 +164,6 @@ class Imputer:
                                            ylabel="log1p predicted"))
         return paths
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
-        """Export the fine-tuned model folder (model with its gene names, tokenizer, manifest, card)."""
-        self._require_model()
-        summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
-        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
-
-    @classmethod
-    def load(cls, folder, config: FinetuneConfig | None = None, **keys) -> Imputer:
-        """Load a fine-tuned imputation folder or hub id (see :meth:`save`)."""
-        model, tokenizer = load_model_folder(resolve_model(folder))
-        if not isinstance(model, CellTransformerForImputation):
-            raise InputError(f"{folder}: not an imputation model (it is {type(model).__name__}).")
-        task = cls(folder, config, **keys)
-        task.model, task.tokenizer = model, tokenizer
-        return task
-
 
 def denoise(adata: ad.AnnData, model, *, key_added: str = KEY_ADDED, layer: str | None = None,
             gene_key: str | None = None, copy: bool = False) -> ad.AnnData | None:
@@ -205,7 +180,4 @@ def denoise(adata: ad.AnnData, model, *, key_added: str = KEY_ADDED, layer: str 
     copy
         Return an annotated copy instead of writing into ``adata``.
     """
-    task = model if isinstance(model, Imputer) else Imputer.load(model, layer=layer, gene_key=gene_key)
-    target = adata.copy() if copy else adata
-    task.write_outputs(adata, target, key_added=key_added)
-    return target if copy else None
+    return Imputer.apply(adata, model, copy=copy, layer=layer, gene_key=gene_key, key_added=key_added)

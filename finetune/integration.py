@@ -22,17 +22,16 @@ import scipy.sparse as sp
 import torch
 
 from atlasformer.model_zoo import CellTransformerForIntegration
-from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import export_model_folder, load_model_folder
 from atlasformer.pretrain.objectives import mask_batch
-from atlasformer.tokenization import InputError, gene_keys
+from atlasformer.tokenization import InputError
 from atlasformer.tokenization.anndata_io import check_obs_key
 
 from .common import (
+    FinetunedTask,
     build_task_model,
-    iter_model_outputs,
     load_backbone,
     model_batch,
+    model_gene_keys,
     read_counts,
     run_model,
     split_cells,
@@ -71,7 +70,7 @@ def log_normalised_pcs(counts: sp.csr_matrix, hvg: np.ndarray, *, n_comps: int =
     return sc.pp.pca(x, n_comps=n_comps, random_state=seed).astype(np.float32)
 
 
-class Integrator:
+class Integrator(FinetunedTask):
     """Fine-tunes and applies a batch-integration model (the task's user-facing model).
 
     Parameters
@@ -89,6 +88,8 @@ class Integrator:
     scib_disable
         scib-metrics metrics to switch off (reported in the metrics), e.g. ``("kbet_per_label",)``.
     """
+
+    model_class = CellTransformerForIntegration
 
     def __init__(self, model=None, config: FinetuneConfig | None = None, *, batch_key: str = "batch",
                  labels_key: str | None = None, layer: str | None = None, gene_key: str | None = None,
@@ -124,8 +125,8 @@ class Integrator:
         hvg = highly_variable(counts)
         panel = counts[data.cells.cell_index][:, np.flatnonzero(hvg)].tocsr()  # (cells, HVGs), rows as data.cells
         model = build_task_model(CellTransformerForIntegration, backbone, config, batch_names=names,
-                                 feature_names=list(gene_keys(adata, self.gene_key)[hvg]), dab_weight=cfg.dab_weight,
-                                 adversary=cfg.adversary,
+                                 feature_names=list(model_gene_keys(adata, self.tokenizer, self.gene_key)[hvg]),
+                                 dab_weight=cfg.dab_weight, adversary=cfg.adversary,
                                  task="integration", value_head="bins" if config.value_encoding == "category" else "mse")
         train, val = split_cells(data.obs, cfg, self.batch_key)
         if len(val) == 0:
@@ -187,20 +188,10 @@ class Integrator:
         return result
 
     # ------------------------------------------------------------------ inference
-    def _require_model(self):
-        if self.model is None:
-            raise InputError("this Integrator has no model yet: call fit(adata) or Integrator.load(folder).")
 
-    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+    def predict(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, d_model) batch-invariant embeddings (no batch needed); zeros for cells without vocabulary genes."""
-        self._require_model()
-        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
-        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
-                                            source=source, chunk_size=self.config.chunk_size):
-            out[rows] = emb
-        return out
-
-    predict = embed  # the task's prediction is the embedding
+        return self.embed(adata, source=source)
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = KEY_ADDED, source: str = "data") -> None:
         """Write the integrated embedding of ``adata`` into ``target.obsm[key_added]``."""
@@ -221,23 +212,6 @@ class Integrator:
             paths.append(metric_bars(aggregates, output / "scib_scores.png", "scib-metrics (not min-max scaled)"))
         return paths
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
-        """Export the fine-tuned model folder (model with batch names, tokenizer, manifest, card)."""
-        self._require_model()
-        summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
-        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
-
-    @classmethod
-    def load(cls, folder, config: FinetuneConfig | None = None, **keys) -> Integrator:
-        """Load a fine-tuned integration folder or hub id (see :meth:`save`)."""
-        model, tokenizer = load_model_folder(resolve_model(folder))
-        if not isinstance(model, CellTransformerForIntegration):
-            raise InputError(f"{folder}: not an integration model (it is {type(model).__name__}).")
-        task = cls(folder, config, **keys)
-        task.model, task.tokenizer = model, tokenizer
-        return task
-
 
 def integrate(adata: ad.AnnData, model, *, key_added: str = KEY_ADDED,
               layer: str | None = None, gene_key: str | None = None, copy: bool = False) -> ad.AnnData | None:
@@ -254,7 +228,4 @@ def integrate(adata: ad.AnnData, model, *, key_added: str = KEY_ADDED,
     copy
         Return an annotated copy instead of writing into ``adata``.
     """
-    task = model if isinstance(model, Integrator) else Integrator.load(model, layer=layer, gene_key=gene_key)
-    target = adata.copy() if copy else adata
-    task.write_outputs(adata, target, key_added=key_added)
-    return target if copy else None
+    return Integrator.apply(adata, model, copy=copy, layer=layer, gene_key=gene_key, key_added=key_added)

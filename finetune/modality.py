@@ -23,11 +23,10 @@ import scipy.sparse as sp
 import torch
 
 from atlasformer.model_zoo import CellTransformerForModality
-from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import export_model_folder, load_model_folder
 from atlasformer.tokenization import InputError, read_h5ad
 
 from .common import (
+    FinetunedTask,
     build_task_model,
     iter_model_outputs,
     load_backbone,
@@ -115,7 +114,7 @@ def start_at_mean(model: CellTransformerForModality, mean: np.ndarray, modality:
         model.head.out.bias.copy_(torch.as_tensor(bias, dtype=model.head.out.bias.dtype))
 
 
-class ModalityPredictor:
+class ModalityPredictor(FinetunedTask):
     """Fine-tunes and applies an RNA -> protein or RNA -> ATAC model (the task's user-facing model).
 
     Parameters
@@ -133,6 +132,8 @@ class ModalityPredictor:
     layer, gene_key, batch_key
         Where counts, gene identifiers and batches (for ``config.val_batch``) are.
     """
+
+    model_class = CellTransformerForModality
 
     def __init__(self, model=None, config: FinetuneConfig | None = None, *, modality: Literal["protein", "atac"] = "protein",
                  paired=None, paired_obsm: str | None = None, layer: str | None = None, gene_key: str | None = None,
@@ -200,9 +201,6 @@ class ModalityPredictor:
         return protein_metrics(true, pred) if self.modality == "protein" else atac_metrics(true, pred)
 
     # ------------------------------------------------------------------ inference
-    def _require_model(self):
-        if self.model is None:
-            raise InputError("this ModalityPredictor has no model yet: call fit(adata) or ModalityPredictor.load(folder).")
 
     def predict(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, features) predictions (CLR or accessibility probability) from RNA alone; NaN for cells
@@ -213,15 +211,6 @@ class ModalityPredictor:
                                              source=source, chunk_size=self.config.chunk_size,
                                              outputs=lambda o: o.extras["predictions"]):
             out[rows] = pred
-        return out
-
-    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
-        """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""
-        self._require_model()
-        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
-        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
-                                            source=source, chunk_size=self.config.chunk_size):
-            out[rows] = emb
         return out
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str | None = None, source: str = "data") -> None:
@@ -240,24 +229,10 @@ class ModalityPredictor:
                                           xlabel="observed CLR", ylabel="predicted CLR")]
         return [roc_curve_plot(true, pred, Path(output) / "atac_roc.png", "ATAC accessibility (validation cells)")]
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
-        """Export the fine-tuned model folder (model with modality and feature names, tokenizer, manifest, card)."""
-        self._require_model()
-        summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
-        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
 
     @classmethod
-    def load(cls, folder, config: FinetuneConfig | None = None, **keys) -> ModalityPredictor:
-        """Load a fine-tuned modality folder (see :meth:`save`); the modality comes from its config."""
-        model, tokenizer = load_model_folder(resolve_model(folder))
-        if not isinstance(model, CellTransformerForModality):
-            raise InputError(f"{folder}: not a modality model (it is {type(model).__name__}).")
-        keys.pop("modality", None)
-        task = cls(folder, config, modality=model.config.modality, **keys)
-        task.model, task.tokenizer = model, tokenizer
-        return task
-
+    def _keys_from_model(cls, model, keys: dict) -> dict:
+        return {**{k: v for k, v in keys.items() if k != "modality"}, "modality": model.config.modality}
 
 def predict_modality(adata: ad.AnnData, model, *, key_added: str | None = None, layer: str | None = None,
                      gene_key: str | None = None, copy: bool = False) -> ad.AnnData | None:
@@ -275,7 +250,4 @@ def predict_modality(adata: ad.AnnData, model, *, key_added: str | None = None, 
     copy
         Return an annotated copy instead of writing into ``adata``.
     """
-    task = model if isinstance(model, ModalityPredictor) else ModalityPredictor.load(model, layer=layer, gene_key=gene_key)
-    target = adata.copy() if copy else adata
-    task.write_outputs(adata, target, key_added=key_added)
-    return target if copy else None
+    return ModalityPredictor.apply(adata, model, copy=copy, layer=layer, gene_key=gene_key, key_added=key_added)

@@ -125,3 +125,23 @@ def test_verdict_compares_with_scratch_and_best_baseline():
     rows = [dict(r, value=0.95) if r["method"] == "atlasformer" else r for r in rows]
     table = summary_table(rows).loc[("annotation", "d")]
     assert verdict(table, ["accuracy"], ["atlasformer", "atlasformer_scratch", "logreg"], {}).startswith("**Goal met:**")
+
+
+def test_methods_after_a_scanpy_baseline_keep_the_thread_limit(kang_small, tmp_path, monkeypatch):
+    """numba (scanpy's kernels) sets the OpenMP runtime torch shares to every core when its pool starts; the
+    torch methods must still run on `threads` cores, so that side-by-side runs do not oversubscribe them."""
+    import torch
+
+    from atlasformer.finetune import benchmark_methods
+
+    seen = []
+
+    def record_threads(split):
+        seen.append(torch.get_num_threads())
+        return benchmark_methods.ANNOTATION["pca_knn"](split)
+
+    monkeypatch.setitem(benchmark_methods.ANNOTATION, "atlasformer_scratch", record_threads)
+    run_benchmark("annotation", kang_small, output=tmp_path / "bench", labels_key="cell_type", batch_key="batch",
+                  methods=["logreg", "atlasformer_scratch"], seeds=(0,),
+                  config=BenchmarkConfig(threads=1, min_holdout_cells=100))
+    assert seen and set(seen) == {1}

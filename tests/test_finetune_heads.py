@@ -271,3 +271,14 @@ def test_cli_finetune_and_predict_every_new_task(sim, tmp_path):
     adata.write_h5ad(plain)
     assert main(["predict", "imputation", "--model", str(tmp_path / "imputation" / "model"), "--data", str(plain),
                  "--output", str(tmp_path)]) == 2
+
+
+def test_imputation_with_raw_gene_names_predicts_every_gene(sim):
+    """Var names without usable IDs ('0', '1', ...) work with gene_id_mode=raw in fit and predict alike."""
+    adata = sim[0].copy()
+    adata.var_names = [str(i) for i in range(adata.n_vars)]
+    raw = TokenizerConfig(max_seq_len=64, gene_id_mode="raw")
+    imputer = Imputer(None, tiny_cfg(val_fraction=0.2, max_steps=2, tokenizer=raw))
+    imputer.fit(adata)
+    assert list(imputer.model.config.feature_names) == list(adata.var_names)
+    assert not np.isnan(imputer.predict(adata)).any()

@@ -41,3 +41,16 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path, sim_h5ad):
         train(cfg)
     # resuming a finished run is a no-op that re-exports the model
     assert (train(cfg, resume=True) / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["resolve", "raw"])
+def test_pretraining_vocabulary_follows_gene_id_mode(mode, sim_adata):
+    from atlasformer.pretrain.train import make_tokenizer
+
+    adata = sim_adata[:, :20].copy()
+    adata.var_names = ["TP53", "CD8A", "MS4A1"] + [f"ENSG{i:011d}.3" for i in range(17)]
+    cfg = PretrainConfig(data=("unused.h5ad",), output="unused", tokenizer=TokenizerConfig(gene_id_mode=mode))
+    vocab = make_tokenizer(cfg, [("mem.h5ad", adata)]).vocab
+    # resolving strips version suffixes and maps symbols to Ensembl IDs; raw keeps the names as given
+    assert ("ENSG00000000001.3" in vocab) == (mode == "raw")
+    assert ("TP53" in vocab) == (mode == "raw")

@@ -75,6 +75,29 @@ def test_count_bins_equal_quantile_bins_and_stay_in_scgpts_range(counts):
         assert np.all((bins[ptr[i]:ptr[i + 1]] >= low) & (bins[ptr[i]:ptr[i + 1]] <= high))
 
 
+@pytest.mark.parametrize("max_seq_len", [10_000, 37, 5])
+def test_compiled_binned_path_equals_the_array_path(counts, max_seq_len, monkeypatch):
+    """The compiled binned/top path gives the same tokens as the general array code, including unknown
+    genes, explicit zeros, empty cells, ties at the top-k threshold and counts above the histogram."""
+    x = counts.copy()
+    x[3, 10:20] = 7  # ties at the threshold
+    csr = sp.csr_matrix(x)
+    csr.data[::17] = 0  # explicit zeros are not expressed
+    column_ids = np.arange(x.shape[1]) + 3
+    column_ids[::11] = -1  # genes outside the vocabulary
+    tokenizer = CellTokenizer(vocab_for(x.shape[1]), TokenizerConfig(max_seq_len=max_seq_len))
+    assert tokenizer._compiled_path(column_ids)
+    seen_fast, seen_slow = np.zeros(x.shape[1], bool), np.zeros(x.shape[1], bool)
+    fast = tokenizer.encode(csr, column_ids, expressed=seen_fast)
+    monkeypatch.setattr(CellTokenizer, "_compiled_path", lambda self, ids: False)
+    slow = tokenizer.encode(csr, column_ids, expressed=seen_slow)
+    for name in ("offsets", "gene_ids", "values", "cell_index"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    assert fast.values.dtype == slow.values.dtype == np.float32
+    assert fast.n_empty_dropped == slow.n_empty_dropped == 1
+    assert np.array_equal(seen_fast, seen_slow)
+
+
 def test_binning_properties(counts):
     cells = encode(counts, max_seq_len=10_000)
     assert cells.n_empty_dropped == 1 and len(cells) == counts.shape[0] - 1

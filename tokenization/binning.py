@@ -8,18 +8,19 @@ wherever scGPT's draw has a single choice.
 
 The work is done on *groups* (distinct values of a cell with their multiplicity), not on entries: a
 cell of raw counts has few distinct counts (most are 1, 2, 3, ...), so edges and bins are computed once
-per distinct count and gathered back to the entries through a per-cell histogram table.
+per distinct count and gathered back to the entries through a per-cell table (compiled with numba:
+one pass over a cell's entries, where array code needs a dozen).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
-import scipy.sparse as sp
 
 SMALL_COUNT = 64
-"""Counts below this are grouped through a dense (cells, SMALL_COUNT + 1) histogram; larger ones by sorting."""
+"""Counts below this are grouped through a per-cell histogram; larger ones by sorting."""
 
 
 def quantile_positions(n: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -127,94 +128,264 @@ def quantile_bins(values: np.ndarray, row_ptr: np.ndarray, n_bins: int) -> np.nd
 
 @dataclass
 class CountGroups:
-    """The distinct counts of every cell (groups), ascending within each cell, and how entries map to them.
+    """The distinct counts of every cell (groups), ascending within each cell, with their multiplicities.
 
-    Built without sorting entries: counts below :data:`SMALL_COUNT` through a dense per-cell
-    histogram, the rare larger ones through a sort of those entries only.
+    Built per cell by compiled kernels (numba) without sorting entries: counts below :data:`SMALL_COUNT`
+    through a histogram, the rare larger ones by sorting those entries only. The kernels follow
+    :func:`quantile_bins` exactly; the tests compare the two.
     """
 
     row_ptr: np.ndarray  # (rows + 1,) int64 entry range of each cell
-    g_row: np.ndarray  # (groups,) cell of each group
-    g_count: np.ndarray  # (groups,) the count
-    g_end: np.ndarray  # (groups,) int64 entry position (over all cells) just past the group, in sorted order
-    slot: np.ndarray  # (nnz,) intp row * (SMALL_COUNT + 1) + min(count, SMALL_COUNT)
-    small_group: np.ndarray  # (groups below SMALL_COUNT,) group index of each (row, count) slot with entries
-    small_slot: np.ndarray  # (same,) its slot
-    large: np.ndarray  # (large entries,) entry indices with count >= SMALL_COUNT
-    large_group: np.ndarray  # (large entries,) their group
+    counts: np.ndarray  # (nnz,) int32 non-negative counts, cells contiguous
+    g_ptr: np.ndarray  # (rows + 1,) int64 group range of each cell
+    g_count: np.ndarray  # (groups,) int64 the distinct count, ascending within a cell
+    g_mult: np.ndarray  # (groups,) int64 how many of the cell's entries have it
 
     @classmethod
     def build(cls, counts: np.ndarray, row_ptr: np.ndarray) -> CountGroups:
-        """``counts``: (nnz,) positive integer counts, cells contiguous; ``row_ptr``: (rows + 1,) int64."""
-        n_rows = len(row_ptr) - 1
-        width = SMALL_COUNT + 1  # column SMALL_COUNT collects the large counts
-        capped = np.minimum(counts, SMALL_COUNT).astype(np.int32, copy=False)  # (nnz,)
-        # per-cell histogram of the capped counts in one C++ pass: a CSR matrix with the capped count as
-        # both column and value, densified (scipy sums entries sharing a column: count x multiplicity)
-        summed = sp.csr_matrix((capped, capped, row_ptr.astype(np.int32)), shape=(n_rows, width)).toarray()
-        slot = np.repeat(np.arange(n_rows, dtype=np.intp) * width, np.diff(row_ptr))  # (nnz,) intp for np.take
-        slot += capped
-        small_row, small_count = np.nonzero(summed[:, :SMALL_COUNT])  # row-major: ascending count within row
-        small_mult = summed[small_row, small_count] // small_count
-        large = np.flatnonzero(counts >= SMALL_COUNT)
-        rows_of_large = np.searchsorted(row_ptr, large, side="right") - 1
-        large_key = (rows_of_large.astype(np.int64) << 32) | counts[large].astype(np.int64)
-        large_keys, large_of, large_mult = np.unique(large_key, return_inverse=True, return_counts=True)
-        # merge: a cell's large groups follow its small ones (both lists are sorted by cell, then count)
-        n_small, n_large = len(small_row), len(large_keys)
-        insert_at = np.searchsorted(small_row, large_keys >> 32, side="right")  # (large groups,)
-        large_pos = insert_at + np.arange(n_large)
-        shift = np.cumsum(np.bincount(insert_at, minlength=n_small + 1))[:n_small]  # large groups inserted before
-        small_pos = np.arange(n_small) + shift
-        g_row = np.empty(n_small + n_large, dtype=np.int64)
-        g_count = np.empty_like(g_row)
-        g_mult = np.empty_like(g_row)
-        g_row[small_pos], g_row[large_pos] = small_row, large_keys >> 32
-        g_count[small_pos], g_count[large_pos] = small_count, large_keys & 0xFFFFFFFF
-        g_mult[small_pos], g_mult[large_pos] = small_mult, large_mult
-        return cls(
-            row_ptr=row_ptr, g_row=g_row, g_count=g_count, g_end=np.cumsum(g_mult),
-            slot=slot, small_group=small_pos, small_slot=small_row * width + small_count,
-            large=large, large_group=large_pos[large_of.ravel()],
-        )
+        """``counts``: (nnz,) non-negative integer counts, cells contiguous; ``row_ptr``: (rows + 1,) int64."""
+        counts = np.ascontiguousarray(counts, dtype=np.int32)
+        row_ptr = np.ascontiguousarray(row_ptr, dtype=np.int64)
+        g_ptr, g_count, g_mult = _count_groups(row_ptr, counts)
+        return cls(row_ptr, counts, g_ptr, g_count, g_mult)
 
-    def gather(self, per_group: np.ndarray) -> np.ndarray:
-        """(nnz,) the value of each entry's group."""
-        table = np.zeros((len(self.row_ptr) - 1) * (SMALL_COUNT + 1), dtype=per_group.dtype)
-        table[self.small_slot] = per_group[self.small_group]
-        out = np.take(table, self.slot)
-        out[self.large] = per_group[self.large_group]
-        return out
+    def values(self, scale: np.ndarray) -> np.ndarray:
+        """(groups,) float32 ``log1p(count / scale)`` of each group, with numpy's float32 log1p as scanpy's."""
+        g_row = np.repeat(np.arange(len(self.g_ptr) - 1), np.diff(self.g_ptr))  # (groups,)
+        return np.log1p((self.g_count.astype(np.float32) / scale[g_row]).astype(np.float32))
 
     def bins(self, scale: np.ndarray, n_bins: int, dtype=np.int16) -> np.ndarray:
         """(nnz,) quantile bins of ``log1p(count / scale)``, as :func:`quantile_bins` on sorted values."""
-        g_value = np.log1p((self.g_count.astype(np.float32) / scale[self.g_row]).astype(np.float32))
-        return self.gather(group_bins(g_value, self.g_row, self.g_end, self.row_ptr, n_bins).astype(dtype))
+        q = np.linspace(0, 1, n_bins - 1)  # (edges,) the quantiles of scGPT's edges
+        bins = _entry_bins(self.row_ptr, self.counts, self.g_ptr, self.g_count, self.g_mult, self.values(scale), q)
+        return bins.astype(dtype, copy=False)
 
     def top_k(self, k: int) -> np.ndarray:
         """Bool mask keeping each cell's ``k`` largest counts; among equal counts, the first columns."""
-        n = np.diff(self.row_ptr)
-        long_rows = np.flatnonzero(n > k)
-        first_kept = self.row_ptr[long_rows] + n[long_rows] - k  # (long,) sorted position of the k-th largest
-        group = np.searchsorted(self.g_end, first_kept, side="right")  # (long,) the group holding it
-        threshold = np.zeros(len(n), dtype=np.int64)  # counts are >= 1: short cells keep everything
-        threshold[long_rows] = self.g_count[group]
-        row_threshold = threshold[self.g_row]
-        code = np.where(self.g_count > row_threshold, 1, np.where(self.g_count == row_threshold, 2, 0)).astype(np.int8)
-        entry_code = self.gather(code)  # (nnz,) 1 keep, 2 tie at the threshold count, 0 drop
-        keep = entry_code == 1
-        ties = np.flatnonzero(entry_code == 2)  # cells contiguous, column order within a cell
-        first_tie = np.searchsorted(ties, self.row_ptr[long_rows])  # (long,) each cell's first tie
-        need = self.g_end[group] - first_kept  # (long,) ties to keep
-        keep[ties[_ranges(first_tie, need)]] = True
-        return keep
+        return _top_k(self.row_ptr, self.counts, self.g_ptr, self.g_count, self.g_mult, k)
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + n)`` for each (s, n), without a Python loop."""
-    total = int(lengths.sum())
-    first = np.cumsum(lengths) - lengths  # (ranges,) where each range starts in the output
-    return np.arange(total) + np.repeat(starts - first, lengths)
+def binned_tokens(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, column_ids: np.ndarray, *,
+                  target_sum: float, n_bins: int, max_len: int, expressed: np.ndarray | None = None):
+    """Binned tokens of CSR count rows in two compiled passes: vocabulary genes only, each cell's ``max_len``
+    largest counts (first columns among equal ones), bins as :meth:`CountGroups.bins`.
+
+    ``column_ids`` (genes,) int32 maps columns to token ids (-1: not in the vocabulary; no id twice).
+    ``expressed``, if given, is set True for columns with counts. Returns ``(kept_rows, offsets, gene_ids,
+    bins)``: the rows with counts on vocabulary genes, (kept + 1,) int64 token offsets, (tokens,) int32 ids
+    and (tokens,) float32 bins, in column order within a cell.
+    """
+    track = expressed is not None
+    row_ptr, gene_ids, counts, totals, kept_rows, g_ptr, g_count, g_mult = _vocabulary_entries(
+        indptr.astype(np.int64, copy=False), indices, data, column_ids, expressed if track else np.zeros(0, bool), track)
+    groups = CountGroups(row_ptr, counts, g_ptr, g_count, g_mult)
+    scale = (totals / np.float32(target_sum)).astype(np.float32)  # (kept,) scanpy's normalize_total factor
+    q = np.linspace(0, 1, n_bins - 1)
+    offsets, out_ids, out_bins = _binned_top(row_ptr, gene_ids, counts, g_ptr, g_count, g_mult, groups.values(scale),
+                                             q, max_len)
+    return kept_rows, offsets, out_ids, out_bins
+
+
+# ------------------------------------------------------------------------------------ compiled kernels
+# One pass over a cell's entries each, where array code needs a dozen; the per-cell helpers are shared.
+@numba.njit(cache=True, nogil=True)
+def _row_groups(counts, lo, hi, hist, large, g_count, g_mult, g):  # pragma: no cover - compiled
+    """Append the distinct counts of ``counts[lo:hi]`` (ascending, with multiplicities) at group ``g``."""
+    n_large = 0
+    for i in range(lo, hi):
+        c = counts[i]
+        if c < SMALL_COUNT:
+            hist[c] += 1
+        else:
+            large[n_large] = c
+            n_large += 1
+    for c in range(SMALL_COUNT):
+        if hist[c]:
+            g_count[g] = c
+            g_mult[g] = hist[c]
+            hist[c] = 0
+            g += 1
+    if n_large:
+        big = np.sort(large[:n_large])
+        start = 0
+        for j in range(1, n_large + 1):
+            if j == n_large or big[j] != big[start]:
+                g_count[g] = big[start]
+                g_mult[g] = j - start
+                g += 1
+                start = j
+    return g
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_edges(n, g0, g_mult, g_value, q, edges):  # pragma: no cover - compiled
+    """``edges[:] = np.quantile(sorted values, q)`` for a cell of ``n`` entries in groups from ``g0``:
+    numpy's 'linear' method and two-sided lerp, to the bit."""
+    last = n - 1  # sorted positions run 0..last
+    lower = upper = g0
+    lower_end = upper_end = g_mult[g0]  # sorted position just past group `lower` / `upper`
+    for j in range(len(q)):
+        virtual = last * q[j]
+        prev = np.floor(virtual)
+        gamma = virtual - prev
+        p = last if virtual >= last else np.int64(prev)
+        nxt = last if virtual >= last else p + 1
+        while lower_end <= p:
+            lower += 1
+            lower_end += g_mult[lower]
+        while upper_end <= nxt:
+            upper += 1
+            upper_end += g_mult[upper]
+        a, b = g_value[lower], g_value[upper]
+        diff = np.float64(b - a)  # a float32 subtraction, as numpy's lerp on float32 values
+        if gamma >= 0.5:
+            edges[j] = np.float64(b) - diff * (1 - gamma)
+        else:
+            edges[j] = np.float64(a) + diff * gamma
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_bins(g0, g1, g_count, g_value, edges, group_bin, small_bin):  # pragma: no cover - compiled
+    """Bin of each group of a cell, the middle of scGPT's range; also by count in ``small_bin``."""
+    for t in range(g0, g1):
+        x = np.float64(g_value[t])
+        left = 0  # edges <= x
+        right = 0  # edges < x; scGPT draws the bin from right + 1 .. left
+        for e in edges:
+            left += e <= x
+            right += e < x
+        group_bin[t] = right + (left - right + 1) // 2
+        if g_count[t] < SMALL_COUNT:
+            small_bin[g_count[t]] = group_bin[t]
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_threshold(g0, g1, g_count, g_mult, k):  # pragma: no cover - compiled
+    """The smallest count among a cell's ``k`` largest, and how many entries with it are kept."""
+    above, t = 0, g1 - 1  # entries with counts above group t's
+    while above + g_mult[t] < k:
+        above += g_mult[t]
+        t -= 1
+    return g_count[t], k - above
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_groups(row_ptr, counts):  # pragma: no cover - compiled
+    n_rows = len(row_ptr) - 1
+    g_ptr = np.zeros(n_rows + 1, np.int64)
+    g_count = np.empty(len(counts), np.int64)  # at most one group per entry
+    g_mult = np.empty(len(counts), np.int64)
+    hist = np.zeros(SMALL_COUNT, np.int64)
+    large = np.empty(np.max(np.diff(row_ptr)) if n_rows else 0, np.int64)
+    for r in range(n_rows):
+        g_ptr[r + 1] = _row_groups(counts, row_ptr[r], row_ptr[r + 1], hist, large, g_count, g_mult, g_ptr[r])
+    g = g_ptr[n_rows]
+    return g_ptr, g_count[:g].copy(), g_mult[:g].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _entry_bins(row_ptr, counts, g_ptr, g_count, g_mult, g_value, q):  # pragma: no cover - compiled
+    out = np.empty(len(counts), np.int16)
+    edges = np.empty(len(q), np.float64)
+    group_bin = np.empty(len(g_count), np.int16)
+    small_bin = np.zeros(SMALL_COUNT, np.int16)
+    for r in range(len(row_ptr) - 1):
+        g0, g1 = g_ptr[r], g_ptr[r + 1]
+        _row_edges(row_ptr[r + 1] - row_ptr[r], g0, g_mult, g_value, q, edges)
+        _row_bins(g0, g1, g_count, g_value, edges, group_bin, small_bin)
+        for i in range(row_ptr[r], row_ptr[r + 1]):
+            c = counts[i]  # (a helper function here costs 10x: numba does not inline it well)
+            out[i] = small_bin[c] if c < SMALL_COUNT else group_bin[g0 + np.searchsorted(g_count[g0:g1], c)]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _top_k(row_ptr, counts, g_ptr, g_count, g_mult, k):  # pragma: no cover - compiled
+    keep = np.ones(len(counts), np.bool_)
+    for r in range(len(row_ptr) - 1):
+        if row_ptr[r + 1] - row_ptr[r] <= k:
+            continue
+        threshold, ties = _row_threshold(g_ptr[r], g_ptr[r + 1], g_count, g_mult, k)
+        for i in range(row_ptr[r], row_ptr[r + 1]):
+            if counts[i] == threshold and ties > 0:
+                ties -= 1
+            elif counts[i] <= threshold:
+                keep[i] = False
+    return keep
+
+
+@numba.njit(cache=True, nogil=True)
+def _vocabulary_entries(indptr, indices, data, column_ids, expressed, track):  # pragma: no cover - compiled
+    """Entries on vocabulary genes with non-zero counts, empty cells dropped, and their count groups."""
+    n_rows = len(indptr) - 1
+    nnz = len(data)
+    row_ptr = np.zeros(n_rows + 1, np.int64)
+    gene_ids = np.empty(nnz, np.int32)
+    counts = np.empty(nnz, np.int32)
+    totals = np.empty(n_rows, np.float32)
+    kept_rows = np.empty(n_rows, np.int64)
+    g_ptr = np.zeros(n_rows + 1, np.int64)
+    g_count = np.empty(nnz, np.int64)
+    g_mult = np.empty(nnz, np.int64)
+    hist = np.zeros(SMALL_COUNT, np.int64)
+    large = np.empty(np.max(np.diff(indptr)) if n_rows else 0, np.int64)
+    kept = 0
+    pos = 0
+    for r in range(n_rows):
+        start = pos
+        total = 0.0  # library size over all genes, vocabulary or not
+        for i in range(indptr[r], indptr[r + 1]):
+            x = data[i]
+            total += x
+            if x == 0:
+                continue
+            column = indices[i]
+            if track:
+                expressed[column] = True
+            if column_ids[column] >= 0:
+                gene_ids[pos] = column_ids[column]
+                counts[pos] = np.int32(np.rint(x))
+                pos += 1
+        if pos == start:  # no counts on vocabulary genes: dropped (and counted by the caller)
+            continue
+        totals[kept] = total
+        kept_rows[kept] = r
+        row_ptr[kept + 1] = pos
+        g_ptr[kept + 1] = _row_groups(counts, start, pos, hist, large, g_count, g_mult, g_ptr[kept])
+        kept += 1
+    g = g_ptr[kept]
+    return (row_ptr[:kept + 1].copy(), gene_ids[:pos].copy(), counts[:pos].copy(), totals[:kept].copy(),
+            kept_rows[:kept].copy(), g_ptr[:kept + 1].copy(), g_count[:g].copy(), g_mult[:g].copy())
+
+
+@numba.njit(cache=True, nogil=True)
+def _binned_top(row_ptr, gene_ids, counts, g_ptr, g_count, g_mult, g_value, q, k):  # pragma: no cover - compiled
+    """Each cell's ``k`` largest counts in column order, as (offsets, gene ids, float32 bins)."""
+    n_rows = len(row_ptr) - 1
+    offsets = np.zeros(n_rows + 1, np.int64)
+    for r in range(n_rows):
+        offsets[r + 1] = offsets[r] + min(row_ptr[r + 1] - row_ptr[r], k)
+    out_ids = np.empty(offsets[n_rows], np.int32)
+    out_bins = np.empty(offsets[n_rows], np.float32)
+    edges = np.empty(len(q), np.float64)
+    group_bin = np.empty(len(g_count), np.int16)
+    small_bin = np.zeros(SMALL_COUNT, np.int16)
+    for r in range(n_rows):
+        lo, hi, g0, g1 = row_ptr[r], row_ptr[r + 1], g_ptr[r], g_ptr[r + 1]
+        _row_edges(hi - lo, g0, g_mult, g_value, q, edges)
+        _row_bins(g0, g1, g_count, g_value, edges, group_bin, small_bin)
+        threshold, ties = (-1, 0) if hi - lo <= k else _row_threshold(g0, g1, g_count, g_mult, k)
+        o = offsets[r]
+        for i in range(lo, hi):
+            c = counts[i]
+            if c == threshold and ties > 0:
+                ties -= 1
+            elif c <= threshold:
+                continue
+            out_ids[o] = gene_ids[i]
+            out_bins[o] = small_bin[c] if c < SMALL_COUNT else group_bin[g0 + np.searchsorted(g_count[g0:g1], c)]
+            o += 1
+    return offsets, out_ids, out_bins
 
 
 def count_bins(counts: np.ndarray, row_ptr: np.ndarray, scale: np.ndarray, n_bins: int) -> np.ndarray:

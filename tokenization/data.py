@@ -147,7 +147,7 @@ def tokenize_anndata(
                  for chunk in iter_count_chunks(adata, layer=layer, chunk_size=chunk_size, source=source)]
     overlap = tokenizer.check_overlap(column_ids, source=source, expressed=expressed)
     resolution.set_expressed(expressed)
-    cells = TokenizedCells.concatenate(parts)
+    cells = parts[0] if len(parts) == 1 else TokenizedCells.concatenate(parts)
     report = TokenizeReport(
         source=source,
         n_cells=adata.n_obs,

@@ -38,7 +38,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .anndata_io import InputError
-from .binning import CountGroups, quantile_bins  # noqa: F401  (quantile_bins is part of this module's API)
+from .binning import CountGroups, binned_tokens, quantile_bins  # noqa: F401  (quantile_bins is part of this module's API)
 from .gene_ids import GeneIdReport
 from .vocab import GeneVocab
 
@@ -411,6 +411,8 @@ class CellTokenizer:
         column_ids = np.asarray(column_ids)
         if len(column_ids) != counts.shape[1]:
             raise InputError(f"{len(column_ids)} column ids for a matrix of {counts.shape[1]} genes.")
+        if self._compiled_path(column_ids):
+            return self._encode_binned_top(counts, column_ids, cell_index, expressed)
         indptr = counts.indptr.astype(np.int64)
         parts = []
         for lo in range(0, counts.shape[0], _MAX_ROWS):  # blocks bound the temporaries; views, no copies
@@ -419,6 +421,22 @@ class CellTokenizer:
             block = _Rows(indptr[lo:hi + 1] - start, counts.indices[start:stop], counts.data[start:stop])
             parts.append(self._encode_block(block, column_ids, cell_index[lo:hi], expressed))
         return parts[0] if len(parts) == 1 else TokenizedCells.concatenate(parts)
+
+    def _compiled_path(self, column_ids: np.ndarray) -> bool:
+        """Binned tokens of the top genes with no two columns on one gene: two compiled passes do it all."""
+        cfg = self.config
+        if cfg.kind != "binned" or cfg.selection != "top":
+            return False
+        known = column_ids[column_ids >= 0]
+        return len(known) == 0 or np.bincount(known).max() == 1
+
+    def _encode_binned_top(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray,
+                           expressed: np.ndarray | None) -> TokenizedCells:
+        kept, offsets, gene_ids, bins = binned_tokens(
+            counts.indptr, counts.indices, counts.data, column_ids.astype(np.int32, copy=False),
+            target_sum=self.config.target_sum, n_bins=self.config.n_bins, max_len=self.config.max_seq_len,
+            expressed=expressed)
+        return TokenizedCells(offsets, gene_ids, bins, cell_index[kept], n_empty_dropped=counts.shape[0] - len(kept))
 
     def _encode_block(self, counts: _Rows, column_ids: np.ndarray, cell_index: np.ndarray,
                       expressed: np.ndarray | None) -> TokenizedCells:
