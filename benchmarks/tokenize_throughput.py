@@ -162,6 +162,7 @@ def simulate_from_profiles(source: ad.AnnData, n_cells: int, path: Path, seed: i
             mean.data = rng.poisson(mean.data).astype(np.float32)
             mean.eliminate_zeros()
             block = sp.csr_matrix(mean, dtype=np.float32)
+            block.sort_indices()  # canonical CSR, as scanpy, anndata and 10x files hold it
             if start == 0:
                 ad.io.write_elem(f, "X", block)
             else:

@@ -122,7 +122,7 @@ class Imputer(FinetunedTask):
         self._require_model()
         features = list(self.model.config.feature_names)
         keys = model_gene_keys(adata, self.tokenizer, self.gene_key, source)
-        position = pd.Index(features).get_indexer(keys)
+        position = feature_positions(features, keys)
         known = position >= 0
         if not known.any():
             raise InputError(f"{source}: none of its genes is one the model predicts (e.g. {list(keys[:3])}); "
@@ -163,6 +163,18 @@ class Imputer(FinetunedTask):
                                            output / "denoised_vs_heldout.png", xlabel="log1p held-out count",
                                            ylabel="log1p predicted"))
         return paths
+
+
+def feature_positions(features: list, keys: pd.Index) -> np.ndarray:
+    """The model's output column for each of a file's gene keys (-1: none). The training file itself maps
+    column to column; elsewhere a key shared by several genes (two symbols of one Ensembl ID) takes the first
+    such column, and a gene without an identifier (None) matches nothing."""
+    if len(keys) == len(features) and all(a == b for a, b in zip(keys, features, strict=True)):
+        return np.arange(len(keys))
+    names = pd.Index(np.asarray(features, dtype=object))
+    first = ~names.duplicated(keep="first") & names.notna()
+    position = pd.Index(names[first]).get_indexer(keys)
+    return np.where(position >= 0, np.flatnonzero(first)[position], -1)
 
 
 def denoise(adata: ad.AnnData, model, *, key_added: str = KEY_ADDED, layer: str | None = None,

@@ -282,3 +282,14 @@ def test_imputation_with_raw_gene_names_predicts_every_gene(sim):
     imputer.fit(adata)
     assert list(imputer.model.config.feature_names) == list(adata.var_names)
     assert not np.isnan(imputer.predict(adata)).any()
+
+
+def test_imputation_feature_positions_with_shared_and_missing_keys():
+    import pandas as pd
+
+    from atlasformer.finetune.imputation import feature_positions
+
+    features = ["ENSG1", "ENSG2", "ENSG2", None, "ENSG3"]  # two genes of one ID; one gene without an ID
+    assert list(feature_positions(features, pd.Index(features, dtype=object))) == [0, 1, 2, 3, 4]
+    other = pd.Index(["ENSG2", "ENSG9", None, "ENSG3"], dtype=object)
+    assert list(feature_positions(features, other)) == [1, -1, -1, 4]

@@ -199,6 +199,12 @@ def _row_groups(counts, lo, hi, hist, large, g_count, g_mult, g):  # pragma: no 
         else:
             large[n_large] = c
             n_large += 1
+    return _emit_groups(hist, large, n_large, g_count, g_mult, g)
+
+
+@numba.njit(cache=True, nogil=True)
+def _emit_groups(hist, large, n_large, g_count, g_mult, g):  # pragma: no cover - compiled
+    """Write a cell's groups from its small-count histogram (cleared) and its ``n_large`` larger counts."""
     for c in range(SMALL_COUNT):
         if hist[c]:
             g_count[g] = c
@@ -333,6 +339,7 @@ def _vocabulary_entries(indptr, indices, data, column_ids, expressed, track):  #
     pos = 0
     for r in range(n_rows):
         start = pos
+        n_large = 0
         total = 0.0  # library size over all genes, vocabulary or not
         for i in range(indptr[r], indptr[r + 1]):
             x = data[i]
@@ -343,15 +350,21 @@ def _vocabulary_entries(indptr, indices, data, column_ids, expressed, track):  #
             if track:
                 expressed[column] = True
             if column_ids[column] >= 0:
+                c = np.int32(np.rint(x))
                 gene_ids[pos] = column_ids[column]
-                counts[pos] = np.int32(np.rint(x))
+                counts[pos] = c
                 pos += 1
+                if c < SMALL_COUNT:  # the cell's count groups, counted in the same pass
+                    hist[c] += 1
+                else:
+                    large[n_large] = c
+                    n_large += 1
         if pos == start:  # no counts on vocabulary genes: dropped (and counted by the caller)
             continue
         totals[kept] = total
         kept_rows[kept] = r
         row_ptr[kept + 1] = pos
-        g_ptr[kept + 1] = _row_groups(counts, start, pos, hist, large, g_count, g_mult, g_ptr[kept])
+        g_ptr[kept + 1] = _emit_groups(hist, large, n_large, g_count, g_mult, g_ptr[kept])
         kept += 1
     g = g_ptr[kept]
     return (row_ptr[:kept + 1].copy(), gene_ids[:pos].copy(), counts[:pos].copy(), totals[:kept].copy(),
