@@ -49,9 +49,15 @@ def main() -> None:
         if not (run / "results.json").exists():
             print(f"skipping {run}: no results.json")
             continue
-        rows += json.loads((run / "results.json").read_text())
+        run_rows = json.loads((run / "results.json").read_text())
+        rows += run_rows
         if (run / "timings.json").exists():
             metas.append(json.loads((run / "timings.json").read_text()))
+        elif run_rows:  # stopped before its end: results.json holds the seeds that finished
+            seeds = sorted({r["seed"] for r in run_rows})
+            metas.append({"task": run_rows[0]["task"], "dataset": run_rows[0]["dataset"], "seeds": seeds,
+                          "skipped": {}, "partial": f"the run was stopped before its end; only seeds {seeds} "
+                                                    "finished, and wall times were not recorded."})
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_facts(Path(args.checkpoint)) if args.checkpoint else {}

@@ -3,14 +3,15 @@
 # docs/benchmarks.md on the public datasets with all methods and 3 seeds, and collect the results into
 # benchmarks/results/public.md + public.json.
 #
-#   bash benchmarks/run_public.sh            # full run (budgets below; about 3 hours on 2 free cores)
+#   bash benchmarks/run_public.sh            # full run (budgets below; more than 2 hours on 2 cores: on
+#                                            # 2026-11-22 pretraining took 27 min and the runs over 95 min)
 #   SEEDS="0" QUICK=1 bash benchmarks/run_public.sh   # a reduced run (1 seed, smaller budgets)
 #
 # The pretrained checkpoint goes to benchmarks/checkpoints/public-small/ (git-ignored) and is reused when
 # present; each task's raw output goes to benchmarks/results/public_runs/<name>/ (results.json, report.md,
 # plots). Environment: DATA (default ../shared/data), SEEDS, THREADS (torch threads per run, default 1), PY / AF,
-# REFERENCE (0 leaves out the scvi_tools method), JOBS (benchmark runs side by side, default 2), ONLY (a regex of run names, e.g. ONLY='modality|baron', to run
-# a subset).
+# REFERENCE (0 leaves out the scvi_tools method), JOBS (benchmark runs side by side, default 2), ONLY (a regex
+# of run names, e.g. ONLY='modality|baron', to run a subset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,7 @@ RUNS=${RUNS:-benchmarks/results/public_runs}
 export OMP_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS
 
 # Budgets, chosen so that the whole script fits in about 3 hours on 2 cores:
-#   pretraining: configs/pretrain/public_small.yaml (4,000 steps of 32 cells, about 20 min on 2 idle cores);
+#   pretraining: configs/pretrain/public_small.yaml (4,000 steps of 32 cells: 27 min on 2 cores, measured);
 #   fine-tuning (atlasformer and atlasformer_scratch alike): at most FINETUNE_STEPS steps of 32 cells per fit
 #   (about 100 fits: folds x seeds x the two methods);
 #   scVI / scvi-tools: 50 epochs (scvi-tools' default would be 400 here: hours on a CPU);
@@ -106,5 +107,6 @@ while (( running > 0 )); do wait -n || failed=1; running=$((running - 1)); done
 # 3. one report over everything
 [[ $failed == 0 ]] || echo "some runs failed; the report covers the others"
 "$PY" benchmarks/collect_results.py "$RUNS"/*/ --checkpoint "$CKPT" --output benchmarks/results/public \
-    --budgets "pretraining ${PRETRAIN_STEPS} steps; ${FINETUNE[*]}; seeds ${SEEDS}" \
+    --budgets "pretraining ${PRETRAIN_STEPS} steps; ${FINETUNE[*]}; seeds ${SEEDS}; scvi_tools $(
+        [[ "${REFERENCE:-1}" == "1" ]] && echo included || echo 'left out (REFERENCE=0)')" \
     --conditions "${JOBS} benchmark runs went side by side on the machine's cores, ${THREADS} torch thread(s) each."

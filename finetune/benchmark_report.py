@@ -101,6 +101,8 @@ def task_section(task: str, dataset: str, table: pd.DataFrame, meta: dict, plot:
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {wall:.1f} |" if wall is not None else
                      f"| {method} | " + " | ".join(cells) + " | |")
     lines += ["", verdict(sub, metrics, methods, meta.get("skipped", {})), ""]
+    if meta.get("partial"):
+        lines += [f"Partial: {meta['partial']}", ""]
     if meta.get("skipped"):
         lines += ["Not run:"] + [f"- `{k}`: {v}" for k, v in meta["skipped"].items()] + [""]
     if meta.get("scib_disabled"):
