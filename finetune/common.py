@@ -201,7 +201,7 @@ class FinetunedTask:
     model_class: type
     model = None
     tokenizer = None
-    validation: dict = {}
+    validation: dict  # set per instance by the task's constructor and fit
 
     def _require_model(self) -> None:
         if self.model is None:
@@ -234,7 +234,8 @@ class FinetunedTask:
         """Load a fine-tuned folder or hub id written by :meth:`save`; ``keys`` go to the constructor."""
         model, tokenizer = load_model_folder(resolve_model(folder))
         if not isinstance(model, cls.model_class):
-            raise InputError(f"{folder}: not a {cls.__name__} model (it is {type(model).__name__}).")
+            raise InputError(f"{folder}: not a model for {cls.__name__} (it is {type(model).__name__}, expected "
+                             f"{cls.model_class.__name__}); load it with the task it was fine-tuned for.")
         task = cls(folder, config, **cls._keys_from_model(model, keys))
         task.model, task.tokenizer = model, tokenizer
         return task

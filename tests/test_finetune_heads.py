@@ -273,7 +273,7 @@ def test_cli_finetune_and_predict_every_new_task(sim, tmp_path):
                  "--output", str(tmp_path)]) == 2
 
 
-def test_imputation_with_raw_gene_names_predicts_every_gene(sim):
+def test_imputation_with_raw_gene_names_predicts_every_gene(sim, tmp_path):
     """Var names without usable IDs ('0', '1', ...) work with gene_id_mode=raw in fit and predict alike."""
     adata = sim[0].copy()
     adata.var_names = [str(i) for i in range(adata.n_vars)]
@@ -282,6 +282,12 @@ def test_imputation_with_raw_gene_names_predicts_every_gene(sim):
     imputer.fit(adata)
     assert list(imputer.model.config.feature_names) == list(adata.var_names)
     assert not np.isnan(imputer.predict(adata)).any()
+    # a folder loaded with another task's class is refused with a clear error, not a wrong model
+    from atlasformer.finetune import Annotator
+
+    imputer.save(tmp_path / "imputer")
+    with pytest.raises(InputError, match="not a model for Annotator"):
+        Annotator.load(tmp_path / "imputer")
 
 
 def test_imputation_feature_positions_with_shared_and_missing_keys():
