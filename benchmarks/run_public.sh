@@ -4,7 +4,8 @@
 # benchmarks/results/public.md + public.json.
 #
 #   bash benchmarks/run_public.sh            # full run (budgets below; more than 2 hours on 2 cores: on
-#                                            # 2026-11-22 pretraining took 27 min and the runs over 95 min)
+#                                            # 2026-11-22, under load, pretraining took 27 min and the runs
+#                                            # over 95 min; on a quiet machine pretraining took 17 min)
 #   SEEDS="0" QUICK=1 bash benchmarks/run_public.sh   # a reduced run (1 seed, smaller budgets)
 #
 # The pretrained checkpoint goes to benchmarks/checkpoints/public-small/ (git-ignored) and is reused when
@@ -27,7 +28,7 @@ RUNS=${RUNS:-benchmarks/results/public_runs}
 export OMP_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS
 
 # Budgets, chosen so that the whole script fits in about 3 hours on 2 cores:
-#   pretraining: configs/pretrain/public_small.yaml (4,000 steps of 32 cells: 27 min on 2 cores, measured);
+#   pretraining: configs/pretrain/public_small.yaml (4,000 steps of 32 cells: 17 min on 2 quiet cores, measured);
 #   fine-tuning (atlasformer and atlasformer_scratch alike): at most FINETUNE_STEPS steps of 32 cells per fit
 #   (about 100 fits: folds x seeds x the two methods);
 #   scVI / scvi-tools: 50 epochs (scvi-tools' default would be 400 here: hours on a CPU);

@@ -145,3 +145,31 @@ def test_methods_after_a_scanpy_baseline_keep_the_thread_limit(kang_small, tmp_p
                   methods=["logreg", "atlasformer_scratch"], seeds=(0,),
                   config=BenchmarkConfig(threads=1, min_holdout_cells=100))
     assert seen and set(seen) == {1}
+
+
+def test_collected_report_summarises_each_goal_with_its_headline_metric():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "collect_results.py"
+    spec = importlib.util.spec_from_file_location("collect_results", path)
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+
+    def rows(task, dataset, values):
+        return [{"task": task, "dataset": dataset, "method": m, "metric": metric, "seed": 0, "value": v}
+                for (m, metric), v in values.items()]
+    won = rows("integration", "a", {("atlasformer", "bio_conservation"): 0.2, ("atlasformer", "total"): 0.9,
+                                    ("atlasformer_scratch", "bio_conservation"): 0.1,
+                                    ("atlasformer_scratch", "total"): 0.5, ("pca", "bio_conservation"): 0.1,
+                                    ("pca", "total"): 0.8})
+    lost = rows("annotation", "b", {("atlasformer", "accuracy"): 0.7, ("atlasformer_scratch", "accuracy"): 0.6,
+                                    ("logreg", "accuracy"): 0.95})
+    skipped = rows("annotation", "c", {("atlasformer_scratch", "accuracy"): 0.6, ("logreg", "accuracy"): 0.9})
+    metas = [{"task": "integration", "dataset": "a"}, {"task": "annotation", "dataset": "b"},
+             {"task": "annotation", "dataset": "c", "skipped": {"atlasformer": "no gene names"}}]
+    lines, assessed, met = collect.goal_summary(won + lost + skipped, metas)
+    assert (assessed, met) == (2, 1)
+    assert "| annotation | b | not met | accuracy: 0.700 / 0.600 / logreg 0.950 |" in lines
+    assert "| annotation | c | not assessed | accuracy: - / 0.600 / logreg 0.900 |" in lines
+    assert "| integration | a | met | total: 0.900 / 0.500 / pca 0.800 |" in lines
