@@ -1,7 +1,11 @@
 """Collect `atlasformer benchmark` output folders into one report: <output>.md and <output>.json.
 
     python benchmarks/collect_results.py benchmarks/results/public_runs/*/ --output benchmarks/results/public \
-        [--checkpoint benchmarks/checkpoints/public-small] [--budgets "..."]
+        [--checkpoint benchmarks/checkpoints/public-small] [--budgets "..."] [--replace RERUN ...]
+
+``--replace`` merges folders where some methods were rerun alone (``atlasformer benchmark --methods ...``, e.g.
+with another learning rate): their rows replace those methods' rows of the run with the same task and dataset,
+and the report names the rerun's command.
 
 The JSON holds the date, the machine, every results row, each run's timings / skipped methods / config,
 and the pretrained checkpoint's parameters and corpus. The last line printed is a JSON summary:
@@ -38,6 +42,27 @@ def checkpoint_facts(folder: Path | None) -> dict:
         if (folder / name).exists():
             facts[name.split(".")[0]] = (folder / name).read_text().split()
     return facts
+
+
+def replace_methods(rows: list[dict], metas: list[dict], rerun: Path) -> list[dict]:
+    """Swap in a rerun's methods (results.json rows and wall times) for the same methods of the run with its task
+    and dataset, keeping the methods' order; the run's meta records the rerun's command."""
+    new_rows = json.loads((rerun / "results.json").read_text())
+    rerun_meta = json.loads((rerun / "timings.json").read_text())
+    key = (rerun_meta["task"], rerun_meta["dataset"])
+    methods = {r["method"] for r in new_rows}
+
+    def replaced(row: dict) -> bool:
+        return (row["task"], row["dataset"]) == key and row["method"] in methods
+    at = next((i for i, r in enumerate(rows) if replaced(r)), len(rows))  # no replaced row comes before it
+    kept = [r for r in rows if not replaced(r)]
+    meta = next((m for m in metas if (m["task"], m["dataset"]) == key), None)
+    if meta is None:
+        raise SystemExit(f"--replace {rerun}: no run with task {key[0]} and dataset {key[1]} to replace in")
+    for method in methods:
+        meta.setdefault("timings_s", {})[method] = rerun_meta.get("timings_s", {}).get(method)
+        meta.setdefault("replaced", {})[method] = rerun_meta.get("command", str(rerun))
+    return kept[:at] + new_rows + kept[at:]
 
 
 def mean_text(table, method: str, metric: str) -> str:
@@ -80,6 +105,9 @@ def main() -> None:
     parser.add_argument("--title", default="atlasformer public benchmark")
     parser.add_argument("--conditions", default="Wall times are indicative: other jobs may have shared the cores.",
                         help="a sentence on how the runs shared the machine")
+    parser.add_argument("--replace", nargs="+", default=[], metavar="RERUN",
+                        help="benchmark output folders of methods rerun alone (e.g. with other settings): their rows "
+                             "replace the same methods' rows of the run with the same task and dataset")
     args = parser.parse_args()
 
     rows, metas = [], []
@@ -96,6 +124,8 @@ def main() -> None:
             metas.append({"task": run_rows[0]["task"], "dataset": run_rows[0]["dataset"], "seeds": seeds,
                           "skipped": {}, "partial": f"the run was stopped before its end; only seeds {seeds} "
                                                     "finished, and wall times were not recorded."})
+    for rerun in map(Path, args.replace):
+        rows = replace_methods(rows, metas, rerun)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_facts(Path(args.checkpoint)) if args.checkpoint else {}

@@ -103,6 +103,8 @@ def task_section(task: str, dataset: str, table: pd.DataFrame, meta: dict, plot:
     lines += ["", verdict(sub, metrics, methods, meta.get("skipped", {})), ""]
     if meta.get("partial"):
         lines += [f"Partial: {meta['partial']}", ""]
+    for method, command in meta.get("replaced", {}).items():
+        lines += [f"`{method}` comes from a rerun of that method alone: `{command}`", ""]
     if meta.get("skipped"):
         lines += ["Not run:"] + [f"- `{k}`: {v}" for k, v in meta["skipped"].items()] + [""]
     if meta.get("scib_disabled"):

@@ -147,15 +147,20 @@ def test_methods_after_a_scanpy_baseline_keep_the_thread_limit(kang_small, tmp_p
     assert seen and set(seen) == {1}
 
 
-def test_collected_report_summarises_each_goal_with_its_headline_metric():
+@pytest.fixture(scope="module")
+def collect():
+    """benchmarks/collect_results.py, loaded from its path (benchmarks/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "collect_results.py"
     spec = importlib.util.spec_from_file_location("collect_results", path)
-    collect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def test_collected_report_summarises_each_goal_with_its_headline_metric(collect):
     def rows(task, dataset, values):
         return [{"task": task, "dataset": dataset, "method": m, "metric": metric, "seed": 0, "value": v}
                 for (m, metric), v in values.items()]
@@ -173,3 +178,23 @@ def test_collected_report_summarises_each_goal_with_its_headline_metric():
     assert "| annotation | b | not met | accuracy: 0.700 / 0.600 / logreg 0.950 |" in lines
     assert "| annotation | c | not assessed | accuracy: - / 0.600 / logreg 0.900 |" in lines
     assert "| integration | a | met | total: 0.900 / 0.500 / pca 0.800 |" in lines
+
+
+def test_collect_replaces_a_rerun_method_in_place(collect, tmp_path):
+    def row(method, value, dataset="d"):
+        return {"task": "annotation", "dataset": dataset, "method": method, "metric": "accuracy", "seed": 0,
+                "value": value}
+    rows = [row("atlasformer", 0.5), row("logreg", 0.9), row("atlasformer", 0.4, "other")]
+    metas = [{"task": "annotation", "dataset": "d", "timings_s": {"atlasformer": 10.0, "logreg": 1.0}},
+             {"task": "annotation", "dataset": "other"}]
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    (rerun / "results.json").write_text(json.dumps([row("atlasformer", 0.8)]))
+    (rerun / "timings.json").write_text(json.dumps({"task": "annotation", "dataset": "d", "command": "cmd",
+                                                    "timings_s": {"atlasformer": 12.0}}))
+    merged = collect.replace_methods(rows, metas, rerun)
+    assert merged == [row("atlasformer", 0.8), row("logreg", 0.9), row("atlasformer", 0.4, "other")]
+    assert metas[0]["timings_s"] == {"atlasformer": 12.0, "logreg": 1.0} and metas[0]["replaced"] == {"atlasformer": "cmd"}
+    (rerun / "timings.json").write_text(json.dumps({"task": "annotation", "dataset": "missing", "command": "cmd"}))
+    with pytest.raises(SystemExit, match="no run with task annotation and dataset missing"):
+        collect.replace_methods(rows, metas, rerun)
