@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import os
 import sys
 import time
@@ -202,36 +203,57 @@ def cmd_embed(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    """Simulate (or read) data, pretrain a tiny model, fine-tune annotation, print the metrics."""
-    from atlasformer.finetune import Annotator, FinetuneConfig, finetune_file
+    """Simulate (or read) data, pretrain a tiny model, fine-tune every head the data supports, print the metrics."""
+    from atlasformer.finetune import FinetuneConfig, finetune_file
     from atlasformer.pretrain import PretrainConfig, train
-    from atlasformer.tokenization import simulate_counts
+    from atlasformer.tokenization import simulate_counts, simulate_proteins
 
     start = time.perf_counter()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     if args.data:
-        data, labels_key, batch_key = single_input(args), args.labels_key, args.batch_key
+        data, paired, labels_key, batch_key = single_input(args), args.paired, args.labels_key, args.batch_key
         if not labels_key:
             raise ConfigError("quickstart on your own file needs --labels-key (the obs column with cell types).")
     else:
-        data, labels_key, batch_key = output / "simulated.h5ad", "cell_type", "batch"
-        simulate_counts(n_cells=args.n_cells, seed=0).write_h5ad(data)
-        print(f"simulated {args.n_cells:,} cells x 600 genes (5 cell types, 2 batches) -> {data}")
+        data, paired, labels_key, batch_key = output / "simulated.h5ad", output / "simulated.protein.h5ad", "cell_type", "batch"
+        adata = simulate_counts(n_cells=args.n_cells, seed=0)
+        adata.write_h5ad(data)
+        simulate_proteins(adata, seed=0).write_h5ad(paired)
+        print(f"simulated {args.n_cells:,} cells x 600 genes (5 cell types, 2 batches) and 20 proteins -> {data}, {paired}")
     root = configs_root()
     pre_cfg = load_config(PretrainConfig, root / "pretrain" / "quickstart.yaml", args.overrides,
                           base={"data": [str(data)], "output": str(output / "pretrain"), "layer": args.layer})
     model_dir = train(pre_cfg, resume=False, run_config=to_plain(pre_cfg)) if not (output / "pretrain" / "model").exists() \
         else output / "pretrain" / "model"
-    ft_cfg = load_config(FinetuneConfig, root / "finetune" / "annotation" / "quickstart.yaml")
-    annotator = Annotator(model_dir, ft_cfg, labels_key=labels_key, batch_key=batch_key, layer=args.layer)
-    summary = finetune_file(annotator, data, output / "annotation", run_config=to_plain(ft_cfg))
-    val = summary["validation"]
+    ft_cfg = load_config(FinetuneConfig, root / "finetune" / "quickstart.yaml")
+    heads = quickstart_heads(model_dir, ft_cfg, labels_key=labels_key, batch_key=batch_key, paired=paired,
+                             layer=args.layer)
+    results = {name: finetune_file(task, data, output / name, run_config={"task": name, **to_plain(ft_cfg)})
+               for name, task in heads.items()}
     print(f"\nquickstart finished in {time.perf_counter() - start:.0f} s")
-    print(f"annotation on held-out cells: accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f} "
-          f"({val['n_val']} cells)")
-    print(f"pretrained model: {model_dir}\nfine-tuned model and annotated data: {output / 'annotation'}")
+    for name, summary in results.items():
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in summary["validation"].items()
+                           if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral))
+        print(f"{name} on held-out cells: {scores} ({summary['validation'].get('n_val', '?')} cells)")
+    print(f"pretrained model: {model_dir}\nfine-tuned models and outputs: "
+          f"{', '.join(str(output / name) for name in results)}")
     return 0
+
+
+def quickstart_heads(model_dir, cfg, *, labels_key: str, batch_key: str | None, paired, layer: str | None) -> dict:
+    """The task objects the quickstart fine-tunes: annotation and imputation always, integration with a batch
+    key, RNA -> protein with paired protein counts."""
+    from atlasformer.finetune import Annotator, Imputer, Integrator, ModalityPredictor
+
+    heads = {"annotation": Annotator(model_dir, cfg, labels_key=labels_key, batch_key=batch_key, layer=layer)}
+    if batch_key:
+        heads["integration"] = Integrator(model_dir, cfg, labels_key=labels_key, batch_key=batch_key, layer=layer)
+    heads["imputation"] = Imputer(model_dir, cfg, batch_key=batch_key, layer=layer)
+    if paired:
+        heads["modality"] = ModalityPredictor(model_dir, cfg, modality="protein", paired=paired, batch_key=batch_key,
+                                              layer=layer)
+    return heads
 
 
 def cmd_benchmark(args) -> int:
@@ -303,13 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="seeds (default 0 1 2)")
     p.set_defaults(run=cmd_benchmark)
 
-    p = sub.add_parser("quickstart", help="simulate data, pretrain a tiny model, fine-tune annotation",
+    p = sub.add_parser("quickstart", help="simulate data, pretrain a tiny model, fine-tune its heads",
                        description="End-to-end demo on simulated data (or --data FILE --labels-key K).")
     p.add_argument("--data", nargs="+", metavar="FILE", help="your own h5ad (default: simulated data)")
     p.add_argument("--output", default="quickstart_output", metavar="DIR", help="output folder")
     p.add_argument("--layer", help="read counts from this layer instead of X")
     p.add_argument("--labels-key", help="obs column with cell labels (with --data)")
-    p.add_argument("--batch-key", help="obs column with batches (with --data)")
+    p.add_argument("--batch-key", help="obs column with batches (with --data; adds the integration head)")
+    p.add_argument("--paired", metavar="FILE", help="protein counts of the same cells (with --data; adds RNA -> protein)")
     p.add_argument("--n-cells", type=int, default=2000, help="cells to simulate (without --data)")
     p.epilog = OVERRIDES_HELP
     p.set_defaults(run=cmd_quickstart)

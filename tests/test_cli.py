@@ -34,12 +34,18 @@ def test_required_subcommands_exist():
     assert {"tokenize", "pretrain", "finetune", "embed", "predict", "quickstart"} <= set(SUBCOMMANDS)
 
 
-def test_quickstart_prints_metrics(tmp_path):
+def test_quickstart_fine_tunes_every_head_and_prints_metrics(tmp_path):
     proc = run("quickstart", "--output", tmp_path / "qs", "--n-cells", "300", "max_steps=20", "eval_every=10")
-    assert "annotation on held-out cells: accuracy" in proc.stdout
+    for line in ("annotation on held-out cells: accuracy", "integration on held-out cells: val_masked_value",
+                 "imputation on held-out cells: poisson_nll", "modality on held-out cells: rmse"):
+        assert line in proc.stdout, line
     for path in ("pretrain/model/model.safetensors", "annotation/model/config.json", "annotation/simulated.h5ad",
-                 "annotation/metrics.json", "annotation/confusion_matrix.png"):
+                 "annotation/metrics.json", "annotation/confusion_matrix.png", "simulated.protein.h5ad"):
         assert (tmp_path / "qs" / path).exists(), path
+    for head in ("integration", "imputation", "modality"):
+        summary = json.loads((tmp_path / "qs" / head / "metrics.json").read_text())
+        assert summary["validation"]["n_val"] > 0 and (tmp_path / "qs" / head / "model" / "config.json").exists()
+    assert "X_atlasformer_integrated" in ad.read_h5ad(tmp_path / "qs" / "integration" / "simulated.h5ad").obsm
 
 
 def test_pretrain_finetune_predict_embed(tmp_path, sim_h5ad):

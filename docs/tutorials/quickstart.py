@@ -1,7 +1,8 @@
 """Tutorial: pretrain a small model and fine-tune cell-type annotation, from Python.
 
 Run: python docs/tutorials/quickstart.py [output_dir]
-The same as `atlasformer quickstart`, written out step by step. Takes about a minute on 2 CPU cores.
+The annotation part of `atlasformer quickstart`, written out step by step (the other heads have their own
+tutorials in this folder). Takes about a minute on 2 CPU cores.
 """
 
 import sys
