@@ -71,6 +71,20 @@ def cmd_pretrain(args) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides, base=base)
     out = train(cfg, resume=args.resume, run_config=to_plain(cfg))
     print(f"model folder: {out}")
+    return finished_worker_exit()
+
+
+def finished_worker_exit() -> int:
+    """Exit code 0; a worker of a multi-process launch leaves at once, skipping interpreter teardown.
+
+    After a finished run (outputs written, process group destroyed), destructors of gloo / DeepSpeed
+    threads at teardown sometimes abort a worker with SIGABRT ("terminate called without an active
+    exception"), which turns a successful launch into a failed one.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -149,7 +163,7 @@ def cmd_finetune(args) -> int:
 
         print(f"wrote {predict_file(task, query, args.output, with_x=args.with_x)}")
     print(f"outputs written to {args.output}")
-    return 0
+    return finished_worker_exit()
 
 
 def load_task(task: str, args, cfg):

@@ -84,3 +84,15 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, sim_h5ad):
     assert proc.returncode == 2 and "no such file" in proc.stderr
     proc = run("pretrain", "--data", sim_h5ad, "--output", tmp_path / "r", "lr=fast", check=False)
     assert proc.returncode == 2 and "lr: expected float" in proc.stderr
+
+
+def test_a_finished_distributed_worker_skips_interpreter_teardown():
+    code = ("import atexit, sys; from atlasformer.cli import finished_worker_exit; "
+            "atexit.register(lambda: print('teardown ran')); print('done'); "
+            "sys.exit(finished_worker_exit() + 3)")
+    env = {**__import__("os").environ}
+    worker = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "WORLD_SIZE": "2"})
+    assert (worker.returncode, worker.stdout) == (0, "done\n")
+    single = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={k: v for k, v in env.items() if k != "WORLD_SIZE"})
+    assert (single.returncode, single.stdout) == (3, "done\nteardown ran\n")
