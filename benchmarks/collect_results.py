@@ -88,7 +88,6 @@ def goal_summary(rows: list[dict], metas: list[dict]) -> tuple[list[str], int, i
         assessed += outcome != "not assessed"
         met += outcome == "met"
         metric = "total" if "total" in metrics else metrics[0]
-
         best = best_method(sub, metric, [m for m in methods if m not in ATLAS_METHODS])
         lines.append(f"| {key[0]} | {key[1]} | {outcome} | {metric}: {mean_text(sub, 'atlasformer', metric)} / "
                      f"{mean_text(sub, 'atlasformer_scratch', metric)} / "

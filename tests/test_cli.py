@@ -3,6 +3,7 @@ to end on simulated data and write what FORMATS.md promises; errors are one clea
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 def run(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "atlasformer.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -90,9 +91,9 @@ def test_a_finished_distributed_worker_skips_interpreter_teardown():
     code = ("import atexit, sys; from atlasformer.cli import finished_worker_exit; "
             "atexit.register(lambda: print('teardown ran')); print('done'); "
             "sys.exit(finished_worker_exit() + 3)")
-    env = {**__import__("os").environ}
-    worker = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "WORLD_SIZE": "2"})
+    worker = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "WORLD_SIZE": "2"})
     assert (worker.returncode, worker.stdout) == (0, "done\n")
     single = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={k: v for k, v in env.items() if k != "WORLD_SIZE"})
+                            env={k: v for k, v in os.environ.items() if k != "WORLD_SIZE"})
     assert (single.returncode, single.stdout) == (3, "done\nteardown ran\n")

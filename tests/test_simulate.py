@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from atlasformer.tokenization import simulate_counts, simulate_proteins
+from atlasformer.tokenization import InputError, simulate_counts, simulate_proteins
 
 
 def test_simulated_proteins_follow_the_cell_types_of_the_same_cells():
@@ -21,5 +21,5 @@ def test_simulated_proteins_follow_the_cell_types_of_the_same_cells():
 
 def test_simulated_proteins_need_the_labels():
     adata = simulate_counts(n_cells=20, n_genes=50, seed=0)
-    with pytest.raises(KeyError, match="obs\\['celltype'\\]"):
+    with pytest.raises(InputError, match="obs\\['celltype'\\]"):
         simulate_proteins(adata, labels_key="celltype")

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .anndata_io import InputError
+
 
 def simulate_counts(
     n_cells: int = 2000,
@@ -82,7 +84,8 @@ def simulate_proteins(adata: ad.AnnData, n_proteins: int = 20, *, labels_key: st
     and protein names ``PROT01``... in ``var_names``.
     """
     if labels_key not in adata.obs:
-        raise KeyError(f"simulate_proteins needs obs[{labels_key!r}] (the cell types that drive the panel).")
+        raise InputError(f"simulate_proteins needs obs[{labels_key!r}], the cell types that drive the panel; "
+                         "pass labels_key=<your cell-type column>.")
     rng = np.random.default_rng(seed)
     types = pd.Categorical(adata.obs[labels_key]).codes  # (cells,)
     n_types = int(types.max()) + 1
