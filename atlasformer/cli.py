@@ -18,6 +18,7 @@ from pathlib import Path
 from atlasformer.config import ConfigError, configs_root, load_config, to_plain
 
 # ----------------------------------------------------------------------------------------- flags
+SHIPPED_MODEL = "atlasformer-public-small"  # model_zoo.hub.SHIPPED_MODELS (named here so --help needs no torch)
 OVERRIDES_HELP = "Configuration overrides follow the flags as key=value, e.g. lr=1e-4 model.d_model=64 model=small."
 
 
@@ -236,10 +237,15 @@ def cmd_quickstart(args) -> int:
         simulate_proteins(adata, seed=0).write_h5ad(paired)
         print(f"simulated {args.n_cells:,} cells x 600 genes (5 cell types, 2 batches) and 20 proteins -> {data}, {paired}")
     root = configs_root()
-    pre_cfg = load_config(PretrainConfig, root / "pretrain" / "quickstart.yaml", args.overrides,
-                          base={"data": [str(data)], "output": str(output / "pretrain"), "layer": args.layer})
-    model_dir = train(pre_cfg, resume=False, run_config=to_plain(pre_cfg)) if not (output / "pretrain" / "model").exists() \
-        else output / "pretrain" / "model"
+    if args.data:  # a user's file: start from the shipped model (or --model), as the benchmark does
+        model_dir = args.model or SHIPPED_MODEL
+        print(f"fine-tuning {model_dir} on {data}")
+    elif (output / "pretrain" / "model").exists():
+        model_dir = output / "pretrain" / "model"
+    else:  # simulated genes are in no pretrained vocabulary: pretrain a tiny model on them
+        pre_cfg = load_config(PretrainConfig, root / "pretrain" / "quickstart.yaml", args.overrides,
+                              base={"data": [str(data)], "output": str(output / "pretrain"), "layer": args.layer})
+        model_dir = train(pre_cfg, resume=False, run_config=to_plain(pre_cfg))
     ft_cfg = load_config(FinetuneConfig, root / "finetune" / "quickstart.yaml")
     heads = quickstart_heads(model_dir, ft_cfg, labels_key=labels_key, batch_key=batch_key, paired=paired,
                              layer=args.layer)
@@ -277,6 +283,7 @@ def cmd_benchmark(args) -> int:
     cfg = load_config(BenchmarkConfig, args.config, args.overrides)
     if (args.paired is None) != (args.modality is None):
         raise ConfigError("--paired FILE and --modality protein|atac go together.")
+    args.model = args.model or SHIPPED_MODEL
     command = "atlasformer " + " ".join(sys.argv[1:]) if sys.argv else ""
     result = run_benchmark(args.task, single_input(args), output=args.output, paired=args.paired,
                            modality=args.modality, labels_key=args.labels_key, batch_key=args.batch_key,
@@ -332,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="compare atlasformer with scVI and simple baselines on one task",
                        description="Run the benchmark protocol of docs/benchmarks.md on one file.")
     p.add_argument("--task", required=True, choices=["annotation", "integration", "imputation", "modality"])
-    add_io(p, labels=True)
+    add_io(p, labels=True)  # --model defaults to the shipped model (cmd_benchmark)
     p.add_argument("--paired", metavar="FILE", help="modality: protein or ATAC counts of the same cells")
     p.add_argument("--modality", choices=["protein", "atac"], help="what --paired holds")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to run (default: all that apply)")
@@ -347,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-key", help="obs column with cell labels (with --data)")
     p.add_argument("--batch-key", help="obs column with batches (with --data; adds the integration head)")
     p.add_argument("--paired", metavar="FILE", help="protein counts of the same cells (with --data; adds RNA -> protein)")
+    p.add_argument("--model", metavar="PATH_OR_HUB_ID",
+                   help=f"with --data: the model to fine-tune (default: {SHIPPED_MODEL}, shipped with the package)")
     p.add_argument("--n-cells", type=int, default=2000, help="cells to simulate (without --data)")
     p.epilog = OVERRIDES_HELP
     p.set_defaults(run=cmd_quickstart)

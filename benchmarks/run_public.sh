@@ -1,68 +1,37 @@
 #!/usr/bin/env bash
-# The public benchmark: pretrain a small model on the public human RNA corpus, then run every task of
-# docs/benchmarks.md on the public datasets with all methods and 3 seeds, and collect the results into
-# benchmarks/results/public.md + public.json.
+# The public benchmark: every task of docs/benchmarks.md on the public datasets, all methods, 3 seeds, with the
+# model that ships with the package (atlasformer-public-small) and the fine-tuning defaults of `atlasformer
+# finetune` (each task's recipe, docs/model_quality.md): no fine-tuning override is passed, so this is what
+# a held-out run with the defaults gets. Results are collected into benchmarks/results/public.md + public.json.
 #
-#   bash benchmarks/run_public.sh            # full run (budgets below; more than 2 hours on 2 cores: on
-#                                            # 2026-11-22, under load, pretraining took 27 min and the runs
-#                                            # over 95 min; on a quiet machine pretraining took 17 min)
-#   SEEDS="0" QUICK=1 bash benchmarks/run_public.sh   # a reduced run (1 seed, smaller budgets)
+#   bash benchmarks/run_public.sh            # full run
+#   SEEDS="0" bash benchmarks/run_public.sh  # one seed
 #
-# The pretrained checkpoint goes to benchmarks/checkpoints/public-small/ (git-ignored) and is reused when
-# present; each task's raw output goes to benchmarks/results/public_runs/<name>/ (results.json, report.md,
-# plots). Environment: DATA (default ../shared/data), SEEDS, THREADS (torch threads per run, default 1), PY / AF,
-# REFERENCE (0 leaves out the scvi_tools method), JOBS (benchmark runs side by side, default 2), ONLY (a regex
-# of run names, e.g. ONLY='modality|baron', to run a subset), METHODS (run only these methods, where they apply,
-# e.g. METHODS=atlasformer with RUNS=<another folder> to rerun one method; merge it with collect_results.py
+# Each task's raw output goes to benchmarks/results/public_runs/<name>/ (results.json, report.md, plots).
+# Environment: DATA (default ../shared/data), MODEL (default atlasformer-public-small; a folder to benchmark
+# another checkpoint), SEEDS, THREADS (torch threads per run, default 1), PY / AF, REFERENCE (0 leaves out the
+# scvi_tools method), JOBS (benchmark runs side by side, default 2), ONLY (a regex of run names, e.g.
+# ONLY='modality|baron', to run a subset), METHODS (run only these methods, where they apply, e.g.
+# METHODS=atlasformer with RUNS=<another folder> to rerun one method; merge it with collect_results.py
 # --replace), RUNS (the runs' folder), REPORT (the collected report's path without suffix).
+# The shipped model is rebuilt from its config and seed by scripts/build_public_model.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 AF=${AF:-.venv/bin/atlasformer}
 DATA=${DATA:-../shared/data}
+MODEL=${MODEL:-atlasformer-public-small}
 SEEDS=${SEEDS:-"0 1 2"}
 THREADS=${THREADS:-1}
 JOBS=${JOBS:-2}
-PRETRAIN_THREADS=${PRETRAIN_THREADS:-2}
-CKPT=benchmarks/checkpoints/public-small
 RUNS=${RUNS:-benchmarks/results/public_runs}
 REPORT=${REPORT:-benchmarks/results/public}
 export OMP_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS
 
-# Budgets, chosen so that the whole script fits in about 3 hours on 2 cores:
-#   pretraining: configs/pretrain/public_small.yaml (4,000 steps of 32 cells: 17 min on 2 quiet cores, measured);
-#   fine-tuning (atlasformer and atlasformer_scratch alike): at most FINETUNE_STEPS steps of 32 cells per fit
-#   (about 100 fits: folds x seeds x the two methods);
-#   scVI / scvi-tools: 50 epochs (scvi-tools' default would be 400 here: hours on a CPU);
-#   totalVI: at most 200 epochs with early stopping.
-#   fine-tuning learning rate 2e-3 for the pretrained model as for scratch: at 3e-4, 150 steps left the
-#   pretrained model under-trained (seed 0 annotation accuracy 0.707 on cellbench and 0.689 on kang, against
-#   0.908 and 0.745 at 2e-3, measured 2026-12-05).
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-4000}
-FINETUNE=(finetune.max_steps=${FINETUNE_STEPS:-150} finetune.epochs=50 finetune.lr=${FINETUNE_LR:-0.002} scratch_lr=0.002
-          scvi_epochs=${SCVI_EPOCHS:-50} totalvi_epochs=${TOTALVI_EPOCHS:-200} threads=$THREADS)
-if [[ "${QUICK:-0}" == "1" ]]; then
-    PRETRAIN_STEPS=${PRETRAIN_STEPS_QUICK:-800}
-    FINETUNE=(finetune.max_steps=120 finetune.epochs=50 finetune.lr=${FINETUNE_LR:-0.002} scratch_lr=0.002 scvi_epochs=25
-              totalvi_epochs=100 threads=$THREADS)
-fi
-
-# 1. pretraining corpus: every human RNA file (eccite_pbmc_500.rna is human but its gene names were lost:
-#    var_names are row numbers, so it can share no token with the others; the mouse files are left out)
-HUMAN=(kang_pbmc_8donors cellbench_lung_lines_5batches pbmc_10x_3chemistries pbmc4k_10x_v2 pbmc_sorted_reference
-       pbmc_donorA_query kang_pbmc_ctrl_stim pbmc_celltypist_sample pbmc1k_cite.rna)
-CORPUS=()
-for name in "${HUMAN[@]}"; do CORPUS+=("$DATA/$name.h5ad"); done
-if [[ ! -f "$CKPT/model/atlasformer.json" ]]; then
-    start=$(date +%s)
-    OMP_NUM_THREADS=$PRETRAIN_THREADS "$AF" pretrain --data "${CORPUS[@]}" --output "$CKPT" \
-        --config configs/pretrain/public_small.yaml max_steps="$PRETRAIN_STEPS" threads="$PRETRAIN_THREADS"
-    echo "pretraining took $(( $(date +%s) - start )) s" | tee "$CKPT/pretrain_seconds.txt"
-else
-    echo "reusing $CKPT/model"
-fi
-printf '%s\n' "${CORPUS[@]}" > "$CKPT/corpus.txt"
+# Budgets of the VAE baselines only (scvi-tools' epoch heuristic would be 400 here: hours on a CPU); atlasformer
+# and atlasformer_scratch run at the defaults.
+BUDGETS=(scvi_epochs=${SCVI_EPOCHS:-50} totalvi_epochs=${TOTALVI_EPOCHS:-200} threads=$THREADS)
 
 # 2. every task on the public datasets of docs/benchmarks.md, all methods, the seeds above. JOBS runs go side
 #    by side, each with THREADS torch threads (small models use 1 thread better than 2); the longest first.
@@ -78,24 +47,29 @@ methods() {
         modality) echo "atlasformer atlasformer_scratch atlasformer_zeroshot totalvi mean ridge knn" ;;
     esac
 }
-bench() {
-    local name=$1; shift
+# The ablations (what the expression path and the pretrained embedding each add) run in a second pass with
+# ABLATION_SEEDS (default seed 0 alone, for time: the frozen closed-form heads give the same result at every
+# seed), into $RUNS/ablations/, merged into the report with collect_results.py --replace.
+ABLATIONS="atlasformer_no_expression atlasformer_expression_only"
+ABLATION_SEEDS=${ABLATION_SEEDS:-0}
+bench() {  # bench OUTPUT_DIR METHODS SEEDS NAME FLAGS...
+    local out=$1 chosen=$2 seeds=$3 name=$4; shift 4
     if [[ -n "${ONLY:-}" && ! "$name" =~ ${ONLY} ]]; then echo "$name: not selected (ONLY=$ONLY)"; return; fi
     local start; start=$(date +%s)
-    mkdir -p "$RUNS/$name"
-    # shellcheck disable=SC2046  # the method names are words
-    "$AF" benchmark "$@" --methods $(methods "$2") --model "$CKPT/model" --seeds $SEEDS --output "$RUNS/$name" \
-        "${FINETUNE[@]}" \
-        > "$RUNS/$name/log.txt" 2>&1 || { echo "$name: FAILED after $(( $(date +%s) - start )) s (see $RUNS/$name/log.txt)"; return 1; }
+    mkdir -p "$out/$name"
+    # shellcheck disable=SC2086  # the method names and seeds are words
+    "$AF" benchmark "$@" --methods $chosen --model "$MODEL" --seeds $seeds --output "$out/$name" \
+        "${BUDGETS[@]}" \
+        > "$out/$name/log.txt" 2>&1 || { echo "$name: FAILED after $(( $(date +%s) - start )) s (see $out/$name/log.txt)"; return 1; }
     echo "$name: $(( $(date +%s) - start )) s"
 }
 RUNS_LIST=(
   "annotation_kang --task annotation --data $DATA/kang_pbmc_8donors.h5ad --labels-key cell_type --batch-key batch"
+  "imputation_pbmc4k --task imputation --data $DATA/pbmc4k_10x_v2.h5ad"
   "integration_kang --task integration --data $DATA/kang_pbmc_8donors.h5ad --labels-key cell_type --batch-key batch"
   "annotation_cellbench --task annotation --data $DATA/cellbench_lung_lines_5batches.h5ad --labels-key cell_line --batch-key batch"
   "annotation_baron --task annotation --data $DATA/baron_mouse_pancreas.h5ad --labels-key cell_type --batch-key batch"
   "imputation_kang --task imputation --data $DATA/kang_pbmc_8donors.h5ad --batch-key batch"
-  "imputation_pbmc4k --task imputation --data $DATA/pbmc4k_10x_v2.h5ad"
   "modality_scicar --task modality --data $DATA/scicar_mouse_kidney.rna.h5ad --paired $DATA/scicar_mouse_kidney.atac.h5ad --modality atac --batch-key batch"
   "integration_cellbench --task integration --data $DATA/cellbench_lung_lines_5batches.h5ad --labels-key cell_line --batch-key batch"
   "integration_baron --task integration --data $DATA/baron_mouse_pancreas.h5ad --labels-key cell_type --batch-key batch"
@@ -104,17 +78,25 @@ RUNS_LIST=(
 )
 failed=0
 running=0
-for run in "${RUNS_LIST[@]}"; do
+queue() {  # queue OUTPUT_DIR METHODS SEEDS RUN: start a run, at most JOBS at a time
+    local task
+    task=$(awk '{for (i = 1; i < NF; i++) if ($i == "--task") print $(i + 1)}' <<< "$4")
     # shellcheck disable=SC2086  # each entry is a name followed by its flags
-    bench $run &
+    bench "$1" "${2:-$(methods "$task")}" "$3" $4 &
     running=$((running + 1))
     if (( running >= JOBS )); then wait -n || failed=1; running=$((running - 1)); fi
-done
+}
+for run in "${RUNS_LIST[@]}"; do queue "$RUNS" "" "$SEEDS" "$run"; done
+if [[ -z "${METHODS:-}" ]]; then
+    for run in "${RUNS_LIST[@]}"; do queue "$RUNS/ablations" "$ABLATIONS" "$ABLATION_SEEDS" "$run"; done
+fi
 while (( running > 0 )); do wait -n || failed=1; running=$((running - 1)); done
 
 # 3. one report over everything
 [[ $failed == 0 ]] || echo "some runs failed; the report covers the others"
-"$PY" benchmarks/collect_results.py "$RUNS"/*/ --checkpoint "$CKPT" --output "$REPORT" \
-    --budgets "pretraining ${PRETRAIN_STEPS} steps; ${FINETUNE[*]}; seeds ${SEEDS}; scvi_tools $(
+REPLACE=()
+[[ -d "$RUNS/ablations" ]] && REPLACE=(--replace "$RUNS"/ablations/*/)
+"$PY" benchmarks/collect_results.py $(ls -d "$RUNS"/*/ | grep -v '/ablations/$') "${REPLACE[@]}" --checkpoint "$MODEL" --output "$REPORT" \
+    --budgets "model ${MODEL}; fine-tuning at the defaults (no override); ${BUDGETS[*]}; seeds ${SEEDS} (ablations: ${ABLATION_SEEDS}); scvi_tools $(
         [[ "${REFERENCE:-1}" == "1" ]] && echo included || echo 'left out (REFERENCE=0)')" \
     --conditions "${JOBS} benchmark runs went side by side on the machine's cores, ${THREADS} torch thread(s) each."

@@ -23,6 +23,7 @@ from atlasformer.tokenization.anndata_io import check_obs_key
 from .common import (
     FinetunedTask,
     build_task_model,
+    frozen_embeddings,
     iter_model_outputs,
     load_backbone,
     model_batch,
@@ -31,6 +32,14 @@ from .common import (
     tokenize_for_model,
 )
 from .config import FinetuneConfig
+from .expression import (
+    expression_setup,
+    fit_expression_path,
+    fit_logistic_readout,
+    path_features,
+    readout_features,
+    standardise_embedding,
+)
 from .fit import fit
 from .metrics import classification_metrics, plot_confusion_matrix
 
@@ -55,11 +64,14 @@ class Annotator(FinetunedTask):
     """
 
     model_class = CellTransformerForAnnotation
+    recipe = {"mode": "frozen", "lr": 2e-3, "readout": "linear", "expression_genes": 2000, "expression_pcs": 0,
+              "embedding_weight": 0.02}
+    """Defaults of the fields a FinetuneConfig leaves at None, chosen by measurement (docs/model_quality.md)."""
 
     def __init__(self, model=None, config: FinetuneConfig | None = None, *, labels_key: str = "cell_type",
                  batch_key: str | None = None, layer: str | None = None, gene_key: str | None = None):
         self.model_source = model
-        self.config = config or FinetuneConfig()
+        self.config = (config or FinetuneConfig()).with_recipe(self.recipe)
         self.labels_key, self.batch_key, self.layer, self.gene_key = labels_key, batch_key, layer, gene_key
         self.model: CellTransformerForAnnotation | None = None
         self.tokenizer = None
@@ -83,32 +95,58 @@ class Annotator(FinetunedTask):
         if len(val) == 0:
             val = train  # no held-out cells requested: validate on training cells
         val = val[np.isin(y[val], np.unique(y[train]))]  # score only classes the model could learn
-        weights = None
-        if cfg.class_weighting:
-            freq = np.bincount(y[train], minlength=len(classes)).astype(np.float64)
-            weights = torch.tensor(np.where(freq > 0, freq.sum() / np.maximum(freq, 1) / len(classes), 0.0), dtype=torch.float32)
-        model = build_task_model(CellTransformerForAnnotation, backbone, config,
-                                 id2label={i: c for i, c in enumerate(classes)}, task="annotation")
         cells, tokenizer = data.cells, self.tokenizer
-
-        def make_batch(rows):
-            sel = train[rows]
-            batch = model_batch(cells, sel, tokenizer)
-            batch["labels"] = torch.from_numpy(y[sel])
-            if weights is not None:
-                batch["class_weights"] = weights
-            return batch
+        # a closed-form readout on a frozen backbone needs no early stopping: its final fit uses every labelled cell
+        closed_form = cfg.mode == "frozen" and cfg.readout == "linear"
+        fit_rows = np.union1d(train, val) if closed_form else train
+        head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[fit_rows], layer=self.layer,
+                                            gene_key=self.gene_key, source=source)
+        model = build_task_model(CellTransformerForAnnotation, backbone, config,
+                                 id2label={i: c for i, c in enumerate(classes)}, task="annotation", **head)
+        x = None if expression is None else expression[cells.cell_index]  # (cells, genes), rows as cells
+        if model.expression_path is not None:
+            fit_expression_path(model.expression_path, x[fit_rows], cfg.seed)
+        extra = {} if x is None else {"expression": x}
 
         def validate(m):
-            probs = run_model(m, cells, tokenizer, rows=val, outputs=lambda out: out.logits.softmax(-1))
+            probs = run_model(m, cells, tokenizer, rows=val, outputs=lambda out: out.logits.softmax(-1), **extra)
             pred = np.asarray(classes)[probs.argmax(1)]
             metrics = classification_metrics(np.asarray(classes)[y[val]], pred)
             metrics.update(n_train=int(len(train)), n_val=int(len(val)))
             return metrics["macro_f1"], metrics
 
-        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="annotation")
+        if cfg.readout == "linear":  # start from (frozen: end at) the closed-form fit on the pretrained embedding
+            embedding = frozen_embeddings(model.backbone, cells, tokenizer)  # (cells, d_model)
+            expr = path_features(model.expression_path, x)  # (cells, d_expr) or None
+            standardise_embedding(model.classifier, embedding[fit_rows], cfg.use_embedding,
+                                  features=None if expr is None else expr[fit_rows], weight=cfg.embedding_weight)
+            z = readout_features(model.classifier, embedding, expr)
+            fit_logistic_readout(model.classifier, z[train], y[train], len(classes), cfg.seed)
+        if closed_form:
+            model.eval()
+            self.model, self.validation = model, validate(model)[1]  # scored on held-out cells, then refitted on all
+            self.validation["refitted_on_all_cells"] = True
+            fit_logistic_readout(model.classifier, z[fit_rows], y[fit_rows], len(classes), cfg.seed)
+        else:
+            weights = None
+            if cfg.class_weighting:
+                freq = np.bincount(y[train], minlength=len(classes)).astype(np.float64)
+                weights = torch.tensor(np.where(freq > 0, freq.sum() / np.maximum(freq, 1) / len(classes), 0.0),
+                                       dtype=torch.float32)
+
+            def make_batch(rows):
+                sel = train[rows]
+                batch = model_batch(cells, sel, tokenizer)
+                batch["labels"] = torch.from_numpy(y[sel])
+                batch.update({k: torch.from_numpy(v[sel]) for k, v in extra.items()})
+                if weights is not None:
+                    batch["class_weights"] = weights
+                return batch
+
+            self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="annotation")
         true = np.asarray(classes)[y[val]]
-        pred = np.asarray(classes)[run_model(self.model, cells, tokenizer, rows=val, outputs=lambda out: out.logits).argmax(1)]
+        pred = np.asarray(classes)[run_model(self.model, cells, tokenizer, rows=val, outputs=lambda out: out.logits,
+                                             **extra).argmax(1)]
         self._val_pairs = (true, pred)
         return self.validation
 
@@ -123,7 +161,8 @@ class Annotator(FinetunedTask):
         confidence = np.zeros(adata.n_obs, dtype=np.float32)
         for rows, probs in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                               source=source, chunk_size=self.config.chunk_size,
-                                              outputs=lambda out: out.logits.float().softmax(-1)):
+                                              outputs=lambda out: out.logits.float().softmax(-1),
+                                              extra=self._model_extra(adata, source)):
             label[rows] = classes[probs.argmax(1)]
             confidence[rows] = probs.max(1)
         if self.config.unknown_threshold is not None:

@@ -33,7 +33,7 @@ from atlasformer.tokenization.anndata_io import check_obs_key, count_matrix, to_
 
 from . import baselines
 from . import benchmark_methods as m
-from .benchmark_report import LOWER_IS_BETTER, write_report
+from .benchmark_report import ATLAS_METHODS, LOWER_IS_BETTER, write_report
 from .config import FinetuneConfig
 from .metrics import (
     atac_metrics,
@@ -45,7 +45,6 @@ from .metrics import (
 )
 
 TASKS = ("annotation", "integration", "imputation", "modality")
-ATLAS_METHODS = ("atlasformer", "atlasformer_scratch", "atlasformer_zeroshot")
 TASK_METHODS = {
     "annotation": (*ATLAS_METHODS, "scvi", "scvi_tools", "logreg", "pca_knn"),
     "integration": (*ATLAS_METHODS, "scvi", "scvi_tools", "pca", "harmony"),
@@ -84,10 +83,11 @@ class BenchmarkConfig:
     """scVI / scvi-tools epochs (None: scvi-tools' heuristic, min(20000 / cells x 400, 400))."""
     totalvi_epochs: int | None = None
     """totalVI epochs (None: scvi-tools' heuristic; early stopping as scvi-tools)."""
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=5))
-    """Fine-tuning budget of atlasformer and atlasformer_scratch (the same for both)."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Fine-tuning settings of atlasformer and atlasformer_scratch (the same for both); fields left at None take
+    each task's recipe, the defaults `atlasformer finetune` uses."""
     scratch_lr: float | None = None
-    """Learning rate of atlasformer_scratch (None: finetune.lr); random weights usually need more."""
+    """Learning rate of atlasformer_scratch (None: finetune.lr, or the task's recipe)."""
     scib_disable: tuple[str, ...] = ()
     """scib-metrics metrics to switch off (reported), e.g. kbet_per_label on tiny data."""
     threads: int = 1

@@ -73,9 +73,14 @@ class Thinned:
         return ad.AnnData(self.x_train.copy(), obs=obs, var=self.inp.adata.var.copy())
 
 
-def finetune_config(inp, seed: int, cfg, *, scratch: bool = False) -> FinetuneConfig:
+ABLATIONS = {"atlasformer_no_expression": {"expression_genes": 0}, "atlasformer_expression_only": {"use_embedding": False}}
+"""atlasformer with one part of the recipe taken away, so the report shows what each adds: the expression path,
+and the pretrained embedding beside it."""
+
+
+def finetune_config(inp, seed: int, cfg, *, scratch: bool = False, ablation: str | None = None) -> FinetuneConfig:
     """The same fine-tuning budget for atlasformer and atlasformer_scratch; scratch copies the pretrained architecture."""
-    ft = dataclasses.replace(cfg.finetune, seed=seed)
+    ft = dataclasses.replace(cfg.finetune, seed=seed, **ABLATIONS.get(ablation, {}))
     if not scratch:
         return ft
     arch, tok = pretrained_architecture(inp)
@@ -143,7 +148,7 @@ def cached_zero_shot(inp) -> np.ndarray:
 # ------------------------------------------------------------------ which methods a file supports
 def unsupported(method: str, task: str, inp) -> str | None:
     """Why ``method`` cannot run on this file / environment, or None."""
-    if method in ("atlasformer", "atlasformer_zeroshot"):
+    if method in ("atlasformer", "atlasformer_zeroshot", *ABLATIONS):
         if not inp.model:
             return "needs --model (a pretrained atlasformer checkpoint)."
         try:
@@ -225,10 +230,10 @@ def scvi_tools_latent(adata, inp, cfg, seed) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ annotation: predicted labels of split.test
-def _fit_annotator(split: Split, scratch: bool) -> np.ndarray:
+def _fit_annotator(split: Split, scratch: bool, ablation: str | None = None) -> np.ndarray:
     inp = split.inp
     annotator = TASK_CLASSES["annotation"]()(None if scratch else inp.model,
-                                             finetune_config(inp, split.seed, split.cfg, scratch=scratch),
+                                             finetune_config(inp, split.seed, split.cfg, scratch=scratch, ablation=ablation),
                                              labels_key=inp.labels_key, layer=inp.layer, gene_key=inp.gene_key)
     annotator.fit(split.adata(split.train), source=inp.source)
     return annotator.predict(split.adata(split.test), source=inp.source)["label"].to_numpy()
@@ -246,14 +251,16 @@ ANNOTATION = {
     "atlasformer": lambda s: _fit_annotator(s, scratch=False),
     "atlasformer_scratch": lambda s: _fit_annotator(s, scratch=True),
     "atlasformer_zeroshot": lambda s: _knn_on(cached_zero_shot(s.inp), s),
+    **{name: (lambda s, a=name: _fit_annotator(s, scratch=False, ablation=a)) for name in ABLATIONS},
 }
 
 
 # ------------------------------------------------------------------ integration: an embedding of every cell
-def _fit_integrator(split: Split, scratch: bool) -> np.ndarray:
+def _fit_integrator(split: Split, scratch: bool, ablation: str | None = None) -> np.ndarray:
     inp = split.inp
     integrator = TASK_CLASSES["integration"]()(None if scratch else inp.model,
-                                               finetune_config(inp, split.seed, split.cfg, scratch=scratch),
+                                               finetune_config(inp, split.seed, split.cfg, scratch=scratch,
+                                                               ablation=ablation),
                                                batch_key=inp.batch_key, layer=inp.layer, gene_key=inp.gene_key)
     adata = split.adata(split.train)
     integrator.fit(adata, source=inp.source)
@@ -268,6 +275,7 @@ INTEGRATION = {
     "atlasformer": lambda s: _fit_integrator(s, scratch=False),
     "atlasformer_scratch": lambda s: _fit_integrator(s, scratch=True),
     "atlasformer_zeroshot": lambda s: cached_zero_shot(s.inp),
+    **{name: (lambda s, a=name: _fit_integrator(s, scratch=False, ablation=a)) for name in ABLATIONS},
 }
 
 
@@ -296,10 +304,10 @@ def _scvi_proportions(t: Thinned, reference: bool = False) -> np.ndarray:
     return out
 
 
-def _fit_imputer(t: Thinned, scratch: bool) -> np.ndarray:
+def _fit_imputer(t: Thinned, scratch: bool, ablation: str | None = None) -> np.ndarray:
     inp = t.inp
     imputer = TASK_CLASSES["imputation"]()(None if scratch else inp.model,
-                                           finetune_config(inp, t.seed, t.cfg, scratch=scratch),
+                                           finetune_config(inp, t.seed, t.cfg, scratch=scratch, ablation=ablation),
                                            layer=None, gene_key=inp.gene_key)
     imputer.fit(t.adata, source=inp.source)
     cp10k = np.asarray(imputer.predict(t.adata, source=inp.source), dtype=np.float32)
@@ -319,6 +327,7 @@ IMPUTATION = {
     "scvi_tools": lambda t: _scvi_proportions(t, reference=True),
     "atlasformer": lambda t: _fit_imputer(t, scratch=False),
     "atlasformer_scratch": lambda t: _fit_imputer(t, scratch=True),
+    **{name: (lambda t, a=name: _fit_imputer(t, scratch=False, ablation=a)) for name in ABLATIONS},
     "atlasformer_zeroshot": lambda t: b.knn_smoothing(t.x_train, zero_shot_embedding(t.inp, t.adata), k=t.cfg.k),
 }
 
@@ -340,10 +349,10 @@ def _totalvi(split: Split) -> np.ndarray:
     return clr(model.predict(adata[split.test], None, source=inp.source, transform_batch="train").to_numpy())
 
 
-def _fit_modality(split: Split, scratch: bool) -> np.ndarray:
+def _fit_modality(split: Split, scratch: bool, ablation: str | None = None) -> np.ndarray:
     inp = split.inp
     predictor = TASK_CLASSES["modality"]()(None if scratch else inp.model,
-                                           finetune_config(inp, split.seed, split.cfg, scratch=scratch),
+                                           finetune_config(inp, split.seed, split.cfg, scratch=scratch, ablation=ablation),
                                            modality=inp.modality, layer=inp.layer, gene_key=inp.gene_key)
     predictor.fit(split.adata(split.train), source=inp.source, paired=inp.paired[split.train].copy())
     pred = np.asarray(predictor.predict(split.adata(split.test), source=inp.source), dtype=np.float32)
@@ -364,5 +373,6 @@ MODALITY = {
     "totalvi": _totalvi,
     "atlasformer": lambda s: _fit_modality(s, scratch=False),
     "atlasformer_scratch": lambda s: _fit_modality(s, scratch=True),
+    **{name: (lambda s, a=name: _fit_modality(s, scratch=False, ablation=a)) for name in ABLATIONS},
     "atlasformer_zeroshot": lambda s: _ridge_on(cached_zero_shot(s.inp), s),
 }

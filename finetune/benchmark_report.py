@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ATLAS_METHODS = ("atlasformer", "atlasformer_scratch", "atlasformer_zeroshot")
+ATLAS_METHODS = ("atlasformer", "atlasformer_scratch", "atlasformer_zeroshot", "atlasformer_no_expression",
+                 "atlasformer_expression_only")
+"""atlasformer and its ablations; every other method is a baseline."""
+HEADLINE = {"annotation": ("accuracy", "macro_f1"), "integration": ("total",), "imputation": ("poisson_nll",),
+            "modality": ("rmse", "auroc")}
+"""The metrics a task's goal is judged on (protein's RMSE or ATAC's AUROC, whichever the run reports)."""
 LOWER_IS_BETTER = frozenset({"poisson_nll", "rmse"})
 
 
@@ -41,35 +46,47 @@ def better(a: float, b: float, metric: str, *, or_equal: bool = False) -> bool:
     return a >= b if or_equal else a > b
 
 
-def verdict(table: pd.DataFrame, metrics: list[str], methods: list[str], skipped: dict) -> str:
-    """The line stating whether atlasformer beats atlasformer_scratch and matches the best baseline (mean over seeds)."""
-    if "atlasformer" not in methods:
-        reason = skipped.get("atlasformer", "not requested")
-        return f"**Goal not assessed:** atlasformer (pretrained + fine-tuned) did not run: {reason}"
+def headline_metrics(task: str, metrics: list[str]) -> list[str]:
+    return [m for m in metrics if m in HEADLINE.get(task, ())] or metrics[:1]
+
+
+def goal(table: pd.DataFrame, task: str, metrics: list[str], methods: list[str]) -> dict:
+    """Whether atlasformer beats atlasformer_scratch and is at least as good as the best baseline on the task's
+    headline metrics (mean over seeds): ``{"beats_scratch", "matches_baseline"}`` (None: not assessable) and the
+    comparisons as text (``parts``)."""
     baselines = [m for m in methods if m not in ATLAS_METHODS]
-    parts, met = [], True
-    for metric in metrics:
+    beats = matches = None
+    parts = []
+    for metric in headline_metrics(task, metrics):
         ours = table.loc[("atlasformer", metric), "mean"]
         if "atlasformer_scratch" in methods:
             scratch = table.loc[("atlasformer_scratch", metric), "mean"]
             wins = better(ours, scratch, metric)
-            met &= wins
+            beats = wins if beats is None else beats and wins
             parts.append(f"{metric}: {ours:.3f} vs scratch {scratch:.3f} ({'better' if wins else 'not better'})")
         best = best_method(table, metric, baselines)
         if best is not None:
             value = table.loc[(best, metric), "mean"]
             ok = better(ours, value, metric, or_equal=True)
-            met &= ok
+            matches = ok if matches is None else matches and ok
             parts.append(f"vs best baseline {best} {value:.3f} ({'at least as good' if ok else 'worse'})")
-    if "atlasformer_scratch" not in methods:
-        met = False
-        parts.append("atlasformer_scratch did not run")
-    if met:
+    return {"beats_scratch": beats, "matches_baseline": matches, "parts": parts}
+
+
+def verdict(table: pd.DataFrame, task: str, metrics: list[str], methods: list[str], skipped: dict) -> str:
+    """The line stating whether atlasformer beats atlasformer_scratch and matches the best baseline on the task's
+    headline metrics (mean over seeds)."""
+    if "atlasformer" not in methods:
+        reason = skipped.get("atlasformer", "not requested")
+        return f"**Goal not assessed:** atlasformer (pretrained + fine-tuned) did not run: {reason}"
+    result = goal(table, task, metrics, methods)
+    parts = result["parts"] + ([] if "atlasformer_scratch" in methods else ["atlasformer_scratch did not run"])
+    if result["beats_scratch"] and result["matches_baseline"]:
         head = ("**Goal met:** atlasformer (pretrained + fine-tuned) beats atlasformer_scratch and is at least as good "
-                "as the best baseline on every metric (mean over seeds)")
+                "as the best baseline on the headline metrics (mean over seeds)")
     else:
         head = ("**Goal not met:** atlasformer (pretrained + fine-tuned) does not both beat atlasformer_scratch and "
-                "match the best baseline on every metric (mean over seeds)")
+                "match the best baseline on the headline metrics (mean over seeds)")
     return head + ": " + "; ".join(parts) + "."
 
 
@@ -100,7 +117,7 @@ def task_section(task: str, dataset: str, table: pd.DataFrame, meta: dict, plot:
         wall = timings.get(method)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {wall:.1f} |" if wall is not None else
                      f"| {method} | " + " | ".join(cells) + " | |")
-    lines += ["", verdict(sub, metrics, methods, meta.get("skipped", {})), ""]
+    lines += ["", verdict(sub, task, metrics, methods, meta.get("skipped", {})), ""]
     if meta.get("partial"):
         lines += [f"Partial: {meta['partial']}", ""]
     for method, command in meta.get("replaced", {}).items():

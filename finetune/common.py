@@ -4,7 +4,9 @@ it, splitting cells, chunked inference, and writing annotated copies of the inpu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -119,6 +121,38 @@ def run_model(model, cells: TokenizedCells, tokenizer: CellTokenizer, rows: np.n
     return np.concatenate(results) if results else np.zeros((0,))
 
 
+FROZEN_CACHE_CELLS = 200_000
+"""How many cells' frozen embeddings :func:`frozen_embeddings` remembers (64 floats each at d_model 64)."""
+_frozen_cache: OrderedDict[tuple[bytes, bytes], np.ndarray] = OrderedDict()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> bytes:
+    """A digest of every parameter and buffer: equal only for identical weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+def frozen_embeddings(backbone: torch.nn.Module, cells: TokenizedCells, tokenizer: CellTokenizer) -> np.ndarray:
+    """(cells, d_model) cell embeddings of a backbone that is not trained, remembered per cell (by the backbone's
+    weights and the cell's tokens): a refit on the same cells (another fold, seed or head) skips the forward
+    pass, which is most of a frozen fine-tuning's cost."""
+    model_key = weights_fingerprint(backbone)
+    cell_keys = [hashlib.blake2b(cells.gene_ids[lo:hi].tobytes() + cells.values[lo:hi].tobytes(),
+                                 digest_size=16).digest() for lo, hi in zip(cells.offsets[:-1], cells.offsets[1:])]
+    missing = np.asarray([i for i, key in enumerate(cell_keys) if (model_key, key) not in _frozen_cache], dtype=np.int64)
+    if len(missing):
+        for i, row in zip(missing, run_model(backbone, cells, tokenizer, rows=missing)):
+            _frozen_cache[(model_key, cell_keys[i])] = row
+        while len(_frozen_cache) > FROZEN_CACHE_CELLS:
+            _frozen_cache.popitem(last=False)
+    if not cell_keys:
+        return np.zeros((0, backbone.config.d_model), dtype=np.float32)
+    return np.stack([_frozen_cache[(model_key, key)] for key in cell_keys])
+
+
 def iter_model_outputs(model, adata: ad.AnnData, tokenizer: CellTokenizer, *, layer=None, gene_key=None, source="data",
                        chunk_size: int = 2048, batch_size: int = 64, outputs: Callable = lambda out: out.cell_embedding,
                        extra: dict[str, np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -209,8 +243,15 @@ class FinetunedTask:
             raise InputError(f"this {name} has no model yet: call fit(adata) or {name}.load(folder).")
 
     def _model_extra(self, adata: ad.AnnData, source: str) -> dict | None:
-        """Per-cell model inputs beyond the tokens, aligned with ``adata``'s rows (none by default)."""
-        return None
+        """Per-cell model inputs beyond the tokens, aligned with ``adata``'s rows: the expression path's input
+        when the model has one."""
+        genes = getattr(self.model.config, "expression_genes", None)
+        if not genes:
+            return None
+        from .expression import expression_inputs
+
+        return {"expression": expression_inputs(adata, genes, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+                                                source=source)}
 
     def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""

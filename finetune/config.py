@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from atlasformer.tokenization import TokenizerConfig
+
+GENERAL_DEFAULTS = {"mode": "full", "lr": 1e-4, "readout": "mlp", "expression_genes": 0, "expression_pcs": 0,
+                    "harmony": False, "embedding_weight": None, "epochs": 10}
+"""What a field left at None means where a task's recipe does not set it."""
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """A fine-tuning run (any task)."""
 
-    mode: Literal["full", "frozen", "lora"] = "full"
-    """Train every weight, only the head (linear probe on a frozen backbone), or LoRA adapters plus the head."""
+    mode: Literal["full", "frozen", "lora"] | None = None
+    """Train every weight, only the head (on a frozen backbone, whose embeddings are computed once), or LoRA
+    adapters plus the head. None: the task's recipe (docs/model_quality.md)."""
     from_scratch: bool = False
     """Ignore pretrained weights: build the architecture in `scratch_model` with a vocabulary from the data."""
     scratch_model: dict[str, Any] = field(default_factory=lambda: {"d_model": 64, "n_layers": 2, "n_heads": 4})
@@ -22,14 +28,14 @@ class FinetuneConfig:
     """Tokenizer settings used with from_scratch (a pretrained model brings its own)."""
     max_seq_len: int | None = None
     """Override the tokenizer's genes per cell (e.g. shorter for speed); None keeps the model's."""
-    epochs: int = 10
-    """Passes over the training cells (early stopping may end sooner)."""
+    epochs: int | None = None
+    """Passes over the training cells (early stopping may end sooner). None: the task's recipe."""
     max_steps: int | None = None
     """Stop after this many optimizer steps, whatever the epochs."""
     batch_size: int = 32
     """Cells per process per step."""
-    lr: float = 1e-4
-    """Peak learning rate of the backbone (and LoRA adapters)."""
+    lr: float | None = None
+    """Peak learning rate of the backbone (and LoRA adapters). None: the task's recipe."""
     head_lr: float = 1e-3
     """Learning rate of the task head."""
     weight_decay: float = 0.01
@@ -58,6 +64,21 @@ class FinetuneConfig:
     """LoRA scaling."""
     lora_dropout: float = 0.05
     """LoRA dropout."""
+    readout: Literal["mlp", "linear"] | None = None
+    """Task head: scGPT's MLP on the embedding, or a linear readout over [embedding; expression path], fitted in
+    closed form (logistic / ridge regression) where the task allows. None: the task's recipe."""
+    expression_genes: int | None = None
+    """Genes of the expression path (HVGs of the training cells, log-normalised) beside the embedding; 0 turns the
+    path off (then the readout sees the embedding alone). None: the task's recipe."""
+    expression_pcs: int | None = None
+    """Principal components the expression path projects on (0: the genes themselves). None: the task's recipe."""
+    harmony: bool | None = None
+    """Integration: run Harmony over [expression PCs; embedding] with the batches at embedding time. None: the recipe."""
+    use_embedding: bool = True
+    """Give the head the cell embedding; False leaves the expression path alone (an ablation: what pretraining adds)."""
+    embedding_weight: float | None = None
+    """With the expression path: the embedding's total variance as a fraction of the expression features' (None in
+    the recipe too: unit variance per embedding dimension). None: the task's recipe."""
     class_weighting: bool = True
     """Annotation: weight classes by inverse frequency, for imbalance."""
     unknown_threshold: float | None = None
@@ -79,6 +100,12 @@ class FinetuneConfig:
     chunk_size: int = 2048
     """Cells read per chunk when predicting and writing outputs."""
 
+    def with_recipe(self, recipe: dict) -> FinetuneConfig:
+        """This config with every field left at None taken from a task's ``recipe``, then from
+        :data:`GENERAL_DEFAULTS` (full fine-tuning of an MLP head, as scGPT)."""
+        defaults = {**GENERAL_DEFAULTS, **recipe}
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
     def __post_init__(self):
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -86,5 +113,5 @@ class FinetuneConfig:
             raise ValueError("unknown_threshold must be in (0, 1)")
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.epochs < 1 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")

@@ -79,6 +79,7 @@ def fit(
     log: Callable[[str], None] = tqdm.write,
 ) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` on ``n_train`` cells; returns the best model (by validation score) and its metrics."""
+    cfg = cfg.with_recipe({})  # fields a task's recipe left unset take the general defaults
     engine = Engine(precision=cfg.precision, cpu=cfg.cpu, seed=cfg.seed)
     model = apply_mode(model, cfg)
     order = BatchOrder(n_train, min(cfg.batch_size, n_train), seed=cfg.seed, rank=engine.rank,

@@ -27,6 +27,7 @@ from atlasformer.tokenization import InputError
 from .common import (
     FinetunedTask,
     build_task_model,
+    frozen_embeddings,
     iter_model_outputs,
     load_backbone,
     model_batch,
@@ -37,6 +38,7 @@ from .common import (
     tokenize_for_model,
 )
 from .config import FinetuneConfig
+from .expression import expression_setup, fit_expression_path, path_features, standardise_embedding
 from .fit import fit
 from .metrics import binomial_thinning, imputation_metrics, row_normalised
 from .plots import metric_bars, predicted_vs_observed
@@ -61,11 +63,14 @@ class Imputer(FinetunedTask):
     """
 
     model_class = CellTransformerForImputation
+    recipe = {"mode": "frozen", "lr": 2e-3, "readout": "linear", "expression_genes": 2000, "expression_pcs": 50,
+              "epochs": 50, "embedding_weight": 1.0}
+    """Defaults of the fields a FinetuneConfig leaves at None, chosen by measurement (docs/model_quality.md)."""
 
     def __init__(self, model=None, config: FinetuneConfig | None = None, *, layer: str | None = None,
                  gene_key: str | None = None, batch_key: str | None = None):
         self.model_source = model
-        self.config = config or FinetuneConfig()
+        self.config = (config or FinetuneConfig()).with_recipe(self.recipe)
         self.layer, self.gene_key, self.batch_key = layer, gene_key, batch_key
         self.model: CellTransformerForImputation | None = None
         self.tokenizer = None
@@ -83,28 +88,39 @@ class Imputer(FinetunedTask):
             thinned.obs[self.batch_key] = adata.obs[self.batch_key].to_numpy()
         backbone, self.tokenizer, config = load_backbone(self.model_source, cfg, [adata], gene_key=self.gene_key)
         data = tokenize_for_model(thinned, self.tokenizer, gene_key=self.gene_key, source=f"{source} (90% thinned)")
-        rows_of_cells = data.cells.cell_index  # row in adata of each tokenized cell
-        targets, held_out = x_train[rows_of_cells], x_test[rows_of_cells]  # (cells, genes) CSR
+        cells, tokenizer = data.cells, self.tokenizer
+        targets, held_out = x_train[cells.cell_index], x_test[cells.cell_index]  # (cells, genes) CSR, rows as cells
         library = np.asarray(targets.sum(1)).ravel().astype(np.float32)
         genes = list(model_gene_keys(adata, self.tokenizer, self.gene_key, source))
-        model = build_task_model(CellTransformerForImputation, backbone, config, feature_names=genes,
-                                 likelihood=cfg.likelihood, task="imputation")
         train, val = split_cells(data.obs, cfg, self.batch_key)
         if len(val) == 0:
             raise InputError("imputation is validated on held-out cells: set val_fraction > 0 or val_batch.")
-        cells, tokenizer = data.cells, self.tokenizer
+        head, expression = expression_setup(thinned, tokenizer, cfg, cells.cell_index[train], gene_key=self.gene_key,
+                                            source=source)
+        head.pop("readout")  # the count decoder is this task's head
+        model = build_task_model(CellTransformerForImputation, backbone, config, feature_names=genes,
+                                 likelihood=cfg.likelihood, task="imputation", **head)
+        extra = {"library_size": library}
+        if expression is not None:
+            extra["expression"] = expression[cells.cell_index]  # (cells, genes), rows as cells
+            fit_expression_path(model.expression_path, extra["expression"][train], cfg.seed)
+        if cfg.mode == "frozen":  # the backbone's embeddings, computed once: training touches only the decoder
+            extra["cell_embedding"] = frozen_embeddings(model.backbone, cells, tokenizer)  # (cells, d_model)
+            if model.features is not None:
+                standardise_embedding(model.features, extra["cell_embedding"][train], cfg.use_embedding,
+                                      features=path_features(model.expression_path, extra["expression"][train]),
+                                      weight=cfg.embedding_weight)
         baseline = imputation_metrics(row_normalised(targets[val]), held_out[val], targets[val])
 
         def make_batch(rows):
             sel = train[rows]
-            batch = model_batch(cells, sel, tokenizer)
-            batch["library_size"] = torch.from_numpy(library[sel])
+            batch = {} if cfg.mode == "frozen" else model_batch(cells, sel, tokenizer)
+            batch.update({k: torch.from_numpy(v[sel]) for k, v in extra.items()})
             batch["counts"] = torch.from_numpy(targets[sel].toarray())
             return batch
 
         def proportions(m, rows):
-            return run_model(m, cells, tokenizer, rows=rows, outputs=lambda out: out.extras["proportions"],
-                             library_size=library)
+            return run_model(m, cells, tokenizer, rows=rows, outputs=lambda out: out.extras["proportions"], **extra)
 
         def validate(m):
             metrics = imputation_metrics(proportions(m, val), held_out[val], targets[val])
@@ -140,8 +156,9 @@ class Imputer(FinetunedTask):
         return out
 
     def _model_extra(self, adata: ad.AnnData, source: str) -> dict:
-        """The library size of every cell (the count decoder's scale)."""
-        return {"library_size": np.asarray(read_counts(adata, self.layer, source).sum(1)).ravel().astype(np.float32)}
+        """The library size of every cell (the count decoder's scale), and the expression path's input."""
+        library = np.asarray(read_counts(adata, self.layer, source).sum(1)).ravel().astype(np.float32)
+        return {"library_size": library, **(super()._model_extra(adata, source) or {})}
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = KEY_ADDED, source: str = "data") -> None:
         """Write denoised CP10k expression of ``adata`` into ``target.layers[key_added]``."""

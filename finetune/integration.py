@@ -26,9 +26,12 @@ from atlasformer.pretrain.objectives import mask_batch
 from atlasformer.tokenization import InputError
 from atlasformer.tokenization.anndata_io import check_obs_key
 
+from .baselines import harmony
 from .common import (
     FinetunedTask,
     build_task_model,
+    frozen_embeddings,
+    iter_model_outputs,
     load_backbone,
     model_batch,
     model_gene_keys,
@@ -38,6 +41,7 @@ from .common import (
     tokenize_for_model,
 )
 from .config import FinetuneConfig
+from .expression import expression_setup, fit_expression_path, path_features, standardise_embedding
 from .fit import fit
 from .metrics import batch_mixing_entropy, scib_scores
 from .plots import metric_bars, umap_panels
@@ -90,12 +94,15 @@ class Integrator(FinetunedTask):
     """
 
     model_class = CellTransformerForIntegration
+    recipe = {"mode": "frozen", "lr": 3e-4, "readout": "linear", "expression_genes": 2000, "expression_pcs": 50,
+              "harmony": True, "embedding_weight": 0.1}
+    """Defaults of the fields a FinetuneConfig leaves at None, chosen by measurement (docs/model_quality.md)."""
 
     def __init__(self, model=None, config: FinetuneConfig | None = None, *, batch_key: str = "batch",
                  labels_key: str | None = None, layer: str | None = None, gene_key: str | None = None,
                  scib_disable: tuple[str, ...] = ()):
         self.model_source = model
-        self.config = config or FinetuneConfig()
+        self.config = (config or FinetuneConfig()).with_recipe(self.recipe)
         self.batch_key, self.labels_key, self.layer, self.gene_key = batch_key, labels_key, layer, gene_key
         self.scib_disable = tuple(scib_disable)
         self.model: CellTransformerForIntegration | None = None
@@ -124,14 +131,28 @@ class Integrator(FinetunedTask):
         counts = read_counts(adata, self.layer, source)
         hvg = highly_variable(counts)
         panel = counts[data.cells.cell_index][:, np.flatnonzero(hvg)].tocsr()  # (cells, HVGs), rows as data.cells
-        model = build_task_model(CellTransformerForIntegration, backbone, config, batch_names=names,
-                                 feature_names=list(model_gene_keys(adata, self.tokenizer, self.gene_key)[hvg]),
-                                 dab_weight=cfg.dab_weight, adversary=cfg.adversary,
-                                 task="integration", value_head="bins" if config.value_encoding == "category" else "mse")
         train, val = split_cells(data.obs, cfg, self.batch_key)
         if len(val) == 0:
             val = train
         cells, tokenizer = data.cells, self.tokenizer
+        head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[train], layer=self.layer,
+                                            gene_key=self.gene_key, source=source)
+        head.pop("readout")
+        model = build_task_model(CellTransformerForIntegration, backbone, config, batch_names=names,
+                                 feature_names=list(model_gene_keys(adata, self.tokenizer, self.gene_key)[hvg]),
+                                 dab_weight=cfg.dab_weight, adversary=cfg.adversary, harmony=cfg.harmony,
+                                 task="integration", value_head="bins" if config.value_encoding == "category" else "mse",
+                                 **head)
+        if expression is not None:
+            x = expression[cells.cell_index]  # (cells, genes), rows as cells
+            fit_expression_path(model.expression_path, x[train], cfg.seed)
+            standardise_embedding(model.features, frozen_embeddings(model.backbone, cells, tokenizer)[train], cfg.use_embedding,
+                                  features=path_features(model.expression_path, x[train]), weight=cfg.embedding_weight)
+        if cfg.mode == "frozen":  # the pretrained embedding as it is, beside the PCs
+            model.eval()
+            self.model = model
+            self.validation = {**self.score(adata, source=source), "n_train": int(len(train)), "n_val": int(len(val))}
+            return self.validation
         generator = torch.Generator().manual_seed(cfg.seed)
 
         def masked(rows, gen):
@@ -166,6 +187,26 @@ class Integrator(FinetunedTask):
         self.validation = {**self.validation, **self.score(adata, source=source)}
         return self.validation
 
+    def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
+        """(cells, dims) integrated embeddings: [PCs; scaled embedding] with the expression path, else the cell
+        embedding; batch-corrected by Harmony over ``adata``'s cells when the model was fitted with ``harmony`` and
+        ``batch_key`` is in ``adata.obs`` (Harmony corrects the cells it is given, as scanpy's ``harmony_integrate``)."""
+        self._require_model()
+        if self.model.expression_path is None:
+            out = super().embed(adata, source=source)
+        else:
+            dims = self.model.expression_path.out_features + self.model.config.d_model
+            out = np.zeros((adata.n_obs, dims), dtype=np.float32)
+            for rows, joint in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer,
+                                                  gene_key=self.gene_key, source=source,
+                                                  chunk_size=self.config.chunk_size,
+                                                  outputs=lambda o: o.extras["joint_features"],
+                                                  extra=self._model_extra(adata, source)):
+                out[rows] = joint
+        if getattr(self.model.config, "harmony", False) and self.batch_key in adata.obs:
+            out = harmony(out, adata.obs[self.batch_key].astype(str).to_numpy(), seed=self.config.seed)
+        return out
+
     def score(self, adata: ad.AnnData, source: str = "data") -> dict:
         """Batch mixing and (with ``labels_key``) scib-metrics scores of the integrated embedding and of the
         unintegrated PCs of log-normalised HVGs."""
@@ -175,7 +216,8 @@ class Integrator(FinetunedTask):
         batch = adata.obs[self.batch_key].astype(str).to_numpy()
         embeddings = {"unintegrated_pca": unintegrated, "atlasformer": integrated}
         self._plot_data = {"embeddings": embeddings, "obs": adata.obs}
-        result = {"batch_mixing_entropy": {k: batch_mixing_entropy(v, batch) for k, v in embeddings.items()}}
+        mixing = {k: batch_mixing_entropy(v, batch) for k, v in embeddings.items()}
+        result = {"batch_mixing_entropy": mixing["atlasformer"], "batch_mixing_entropy_unintegrated": mixing["unintegrated_pca"]}
         if self.labels_key is None:
             return result
         labels = adata.obs[self.labels_key].astype(str).to_numpy()
@@ -183,6 +225,7 @@ class Integrator(FinetunedTask):
         scores = scib_scores({k: v[known] for k, v in embeddings.items()}, batch[known], labels[known],
                              pre_integrated=unintegrated[known], disable=self.scib_disable)
         result["scib"] = scores["methods"]
+        result.update({f"scib_{k}": scores["methods"]["atlasformer"][k] for k in ("bio_conservation", "batch_correction", "total")})
         result["scib_disabled"] = scores["disabled"]
         result["scib_cells"] = int(known.sum())
         return result

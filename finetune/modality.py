@@ -28,6 +28,7 @@ from atlasformer.tokenization import InputError, read_h5ad
 from .common import (
     FinetunedTask,
     build_task_model,
+    frozen_embeddings,
     iter_model_outputs,
     load_backbone,
     model_batch,
@@ -36,10 +37,21 @@ from .common import (
     tokenize_for_model,
 )
 from .config import FinetuneConfig
+from .expression import (
+    expression_setup,
+    fit_expression_path,
+    fit_per_feature_logistic_readout,
+    fit_ridge_readout,
+    path_features,
+    readout_features,
+    standardise_embedding,
+)
 from .fit import fit
 from .metrics import atac_metrics, clr, protein_metrics
 from .plots import predicted_vs_observed, roc_curve_plot
 
+ATAC_PENALTIES = (0.001, 0.01, 0.1, 1.0)
+"""Inverse L2 penalties (scikit-learn's C) tried for the per-peak logistic readout."""
 MODALITY_NAMES = {"protein": ("prot", "protein", "adt", "cite"), "atac": ("atac", "peaks", "chromatin")}
 
 
@@ -111,7 +123,7 @@ def start_at_mean(model: CellTransformerForModality, mean: np.ndarray, modality:
     mean = np.asarray(mean, dtype=np.float64)
     bias = np.log(np.clip(mean, 1e-4, 1 - 1e-4) / np.clip(1 - mean, 1e-4, 1)) if modality == "atac" else mean
     with torch.no_grad():
-        model.head.out.bias.copy_(torch.as_tensor(bias, dtype=model.head.out.bias.dtype))
+        model.head.out.bias.copy_(torch.as_tensor(bias, dtype=model.head.out.bias.dtype))  # MLP head's output layer
 
 
 class ModalityPredictor(FinetunedTask):
@@ -134,6 +146,9 @@ class ModalityPredictor(FinetunedTask):
     """
 
     model_class = CellTransformerForModality
+    recipe = {"mode": "frozen", "lr": 2e-3, "readout": "linear", "expression_genes": 2000, "expression_pcs": 50,
+              "embedding_weight": 0.02}
+    """Defaults of the fields a FinetuneConfig leaves at None, chosen by measurement (docs/model_quality.md)."""
 
     def __init__(self, model=None, config: FinetuneConfig | None = None, *, modality: Literal["protein", "atac"] = "protein",
                  paired=None, paired_obsm: str | None = None, layer: str | None = None, gene_key: str | None = None,
@@ -141,7 +156,7 @@ class ModalityPredictor(FinetunedTask):
         if modality not in MODALITY_NAMES:
             raise InputError(f"modality must be 'protein' or 'atac', got {modality!r}.")
         self.model_source = model
-        self.config = config or FinetuneConfig()
+        self.config = (config or FinetuneConfig()).with_recipe(self.recipe)
         self.modality, self.paired, self.paired_obsm = modality, paired, paired_obsm
         self.layer, self.gene_key, self.batch_key = layer, gene_key, batch_key
         self.model: CellTransformerForModality | None = None
@@ -167,25 +182,27 @@ class ModalityPredictor(FinetunedTask):
         targets = modality_targets(raw, self.modality)
         backbone, self.tokenizer, config = load_backbone(self.model_source, cfg, [adata], gene_key=self.gene_key)
         data = tokenize_for_model(adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key, source=source)
-        y = targets[data.cells.cell_index]  # (cells, features), rows as data.cells
-        model = build_task_model(CellTransformerForModality, backbone, config, modality=self.modality,
-                                 feature_names=names, task="modality")
-        train, val = split_cells(data.obs, cfg, self.batch_key, usable=has_target[data.cells.cell_index])
+        cells, tokenizer = data.cells, self.tokenizer
+        y = targets[cells.cell_index]  # (cells, features), rows as data.cells
+        train, val = split_cells(data.obs, cfg, self.batch_key, usable=has_target[cells.cell_index])
         if len(val) == 0:
             raise InputError("modality prediction is validated on held-out cells: set val_fraction > 0 or val_batch.")
-        cells, tokenizer = data.cells, self.tokenizer
+        # a closed-form readout on a frozen backbone needs no early stopping: its final fit uses every paired cell
+        closed_form = cfg.mode == "frozen" and cfg.readout == "linear"
+        fit_rows = np.union1d(train, val) if closed_form else train
+        head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[fit_rows], layer=self.layer,
+                                            gene_key=self.gene_key, source=source)
+        model = build_task_model(CellTransformerForModality, backbone, config, modality=self.modality,
+                                 feature_names=names, task="modality", **head)
+        x = None if expression is None else expression[cells.cell_index]  # (cells, genes), rows as cells
+        if model.expression_path is not None:
+            fit_expression_path(model.expression_path, x[fit_rows], cfg.seed)
+        extra = {} if x is None else {"expression": x}
         mean_prediction = np.broadcast_to(y[train].mean(0), y[val].shape)
-        start_at_mean(model, y[train].mean(0), self.modality)
         baseline = self._metrics(y[val], mean_prediction)
 
-        def make_batch(rows):
-            sel = train[rows]
-            batch = model_batch(cells, sel, tokenizer)
-            batch["targets"] = torch.from_numpy(y[sel])
-            return batch
-
         def predictions(m, rows):
-            return run_model(m, cells, tokenizer, rows=rows, outputs=lambda out: out.extras["predictions"])
+            return run_model(m, cells, tokenizer, rows=rows, outputs=lambda out: out.extras["predictions"], **extra)
 
         def validate(m):
             metrics = self._metrics(y[val], predictions(m, val))
@@ -193,9 +210,53 @@ class ModalityPredictor(FinetunedTask):
             score = -metrics["rmse"] if self.modality == "protein" else metrics["auroc_per_feature"]
             return (score if np.isfinite(score) else metrics.get("auroc", -np.inf)), metrics
 
-        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description=f"modality ({self.modality})")
+        if cfg.readout == "linear":  # start from (frozen: end at) the closed-form fit on the pretrained embedding
+            embedding = frozen_embeddings(model.backbone, cells, tokenizer)  # (cells, d_model)
+            expr = path_features(model.expression_path, x)  # (cells, d_expr) or None
+            standardise_embedding(model.head, embedding[fit_rows], cfg.use_embedding,
+                                  features=None if expr is None else expr[fit_rows], weight=cfg.embedding_weight)
+            z = readout_features(model.head, embedding, expr)
+            penalty = self._fit_readout(model, z, y, train, val, validate)
+        else:
+            start_at_mean(model, y[train].mean(0), self.modality)
+        if closed_form:
+            model.eval()
+            self.model, self.validation = model, validate(model)[1]  # scored on held-out cells, then refitted on all
+            self.validation["refitted_on_all_cells"] = True
+            self._fit_readout(model, z, y, fit_rows, None, None, penalty)
+        else:
+            def make_batch(rows):
+                sel = train[rows]
+                batch = model_batch(cells, sel, tokenizer)
+                batch["targets"] = torch.from_numpy(y[sel])
+                batch.update({k: torch.from_numpy(v[sel]) for k, v in extra.items()})
+                return batch
+
+            self.model, self.validation = fit(model, len(train), make_batch, validate, cfg,
+                                              description=f"modality ({self.modality})")
         self._plot_data = {"true": y[val], "pred": predictions(self.model, val), "names": names}
         return self.validation
+
+    def _fit_readout(self, model, z, y, rows, val, validate, penalty: float | None = None) -> float | None:
+        """Fit the linear readout on ``rows`` in closed form: RidgeCV (alpha by leave-one-out, as the ridge
+        baseline) for protein; for ATAC, per-peak logistic regressions whose penalty is ``penalty`` or, given
+        ``validate``, the one of :data:`ATAC_PENALTIES` that scores best on the validation cells (sparse, noisy
+        peaks need a strong one, towards each peak's frequency: the mean baseline). Returns the ATAC penalty."""
+        if self.modality == "protein":
+            fit_ridge_readout(model.head, z[rows], y[rows])
+            return None
+        if penalty is not None:
+            fit_per_feature_logistic_readout(model.head, z[rows], y[rows], self.config.seed, c=penalty)
+            return penalty
+        best = None
+        for c in ATAC_PENALTIES:
+            fit_per_feature_logistic_readout(model.head, z[rows], y[rows], self.config.seed, c=c)
+            score = validate(model)[1]["auroc"]
+            if best is None or score > best[0]:
+                best = (score, c, {k: v.clone() for k, v in model.head.out.state_dict().items()})
+        model.head.out.load_state_dict(best[2])
+        print(f"ATAC readout: inverse penalty C={best[1]} (validation AUROC {best[0]:.4f}; tried {ATAC_PENALTIES})")
+        return best[1]
 
     def _metrics(self, true: np.ndarray, pred: np.ndarray) -> dict:
         return protein_metrics(true, pred) if self.modality == "protein" else atac_metrics(true, pred)
@@ -209,7 +270,8 @@ class ModalityPredictor(FinetunedTask):
         out = np.full((adata.n_obs, len(self.model.config.feature_names)), np.nan, dtype=np.float32)
         for rows, pred in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                              source=source, chunk_size=self.config.chunk_size,
-                                             outputs=lambda o: o.extras["predictions"]):
+                                             outputs=lambda o: o.extras["predictions"],
+                                             extra=self._model_extra(adata, source)):
             out[rows] = pred
         return out
 

@@ -65,6 +65,14 @@ class CellTransformerConfig(PretrainedConfig):
         embedding (``"values"``, as scGPT's ContinuousValueEncoder).
     mvc_head
         scGPT-style MVC / GEPC: predict each gene's value from the cell embedding and the gene embedding.
+    readout
+        Fine-tuned heads: ``"mlp"`` (scGPT's ClsDecoder) or ``"linear"`` over [standardised cell embedding;
+        expression features], which a closed-form fit (logistic or ridge regression) can set.
+    expression_genes
+        Fine-tuned heads: gene keys of the expression path (log-normalised expression of highly variable
+        genes beside the embedding, what the simple baselines see); empty disables it.
+    expression_components
+        Principal components the expression path projects on (0: the genes themselves).
     """
 
     model_type = "atlasformer_cell_transformer"
@@ -94,6 +102,9 @@ class CellTransformerConfig(PretrainedConfig):
         gene_head_activation: Literal["relu", "gelu"] = "gelu",
         embedding_dropout: Literal["sum", "values"] = "sum",
         mvc_head: bool = False,
+        readout: Literal["mlp", "linear"] = "mlp",
+        expression_genes: list[str] | None = None,
+        expression_components: int = 0,
         pad_token_id: int = 0,
         cls_token_id: int = 1,
         mask_token_id: int | None = 2,
@@ -122,6 +133,9 @@ class CellTransformerConfig(PretrainedConfig):
         self.gene_head_activation = gene_head_activation
         self.embedding_dropout = embedding_dropout
         self.mvc_head = mvc_head
+        self.readout = readout
+        self.expression_genes = list(expression_genes or [])
+        self.expression_components = int(expression_components)
         self.cls_token_id = cls_token_id
         self.mask_token_id = mask_token_id
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -138,6 +152,11 @@ class CellTransformerConfig(PretrainedConfig):
             raise ValueError(f"unknown pooling {self.pooling!r}")
         if self.value_head not in ("bins", "mse", "none"):
             raise ValueError(f"unknown value_head {self.value_head!r}")
+        if self.readout not in ("mlp", "linear"):
+            raise ValueError(f"unknown readout {self.readout!r}")
+        if self.expression_components and self.expression_components > len(self.expression_genes):
+            raise ValueError(f"expression_components ({self.expression_components}) exceeds the "
+                             f"{len(self.expression_genes)} expression genes")
         if self.gene_head_activation not in ACTIVATIONS:
             raise ValueError(f"gene_head_activation must be one of {list(ACTIVATIONS)}, got {self.gene_head_activation!r}")
         if self.embedding_dropout not in ("sum", "values"):

@@ -178,6 +178,19 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+SHIPPED_MODELS = ("atlasformer-public-small",)
+"""Models inside the installed package (``model_zoo/pretrained/<name>/``), loadable by name with no network."""
+
+
+def shipped_model_folder(name: str) -> Path:
+    """The folder of a model shipped with the package; a clear error when the installation lacks its files."""
+    folder = Path(__file__).resolve().parent / "pretrained" / name
+    if not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"{name} should ship with atlasformer but {folder} holds no model.safetensors: "
+                              "reinstall the package (pip install --force-reinstall atlasformer).")
+    return folder
+
+
 def resolve_model_location(model: str | os.PathLike, revision: str | None = None, subfolder: str | None = None,
                            extra_patterns: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """``(root, folder)``: the local folder or hub snapshot holding ``model``, and the model folder in it.
@@ -188,6 +201,11 @@ def resolve_model_location(model: str | os.PathLike, revision: str | None = None
     """
     if subfolder and (Path(subfolder).is_absolute() or ".." in Path(subfolder).parts):
         raise CheckpointError(f"subfolder={subfolder!r} must be a relative path inside the model repository.")
+    if str(model) in SHIPPED_MODELS:  # offline, before any path or hub id (FORMATS.md)
+        if revision or subfolder:
+            raise CheckpointError(f"{model} ships with the package: it has no revision or subfolder.")
+        folder = shipped_model_folder(str(model))
+        return folder, folder
     path = Path(model).expanduser()
     if path.exists():
         if revision:

@@ -37,8 +37,95 @@ class ClassifierHead(nn.Module):
         return self.out(self.hidden(cell_embedding))  # (batch, n_classes)
 
 
-class CellTransformerForAnnotation(CellTransformerPreTrainedModel):
-    """Cell-type classifier on the cell embedding. Labels are ``config.id2label``."""
+class ExpressionPath(nn.Module):
+    """What the simple baselines see, inside the model: the log-normalised expression (log1p of counts per
+    10,000) of the genes in ``config.expression_genes``, centred and, with ``n_components``, projected on
+    their principal components. ``mean`` and ``components`` are buffers fitted on the training cells and
+    saved with the weights, so a fine-tuned folder applies the same projection to new cells."""
+
+    def __init__(self, n_genes: int, n_components: int = 0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_genes))
+        self.register_buffer("components", torch.zeros(n_components, n_genes))
+        self.out_features = n_components or n_genes
+
+    def forward(self, expression: torch.Tensor) -> torch.Tensor:
+        x = expression.float() - self.mean  # (batch, genes)
+        return x @ self.components.T if self.components.shape[0] else x  # (batch, out_features)
+
+
+class EmbeddingStandardiser(nn.Module):
+    """Puts the cell embedding beside the expression features: [(embedding - mean) / scale; features].
+    ``mean`` / ``scale`` are buffers set on the training cells (unit variance per dimension, or a chosen total)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.register_buffer("embedding_mean", torch.zeros(d_model))
+        self.register_buffer("embedding_scale", torch.ones(d_model))
+
+    def forward(self, cell_embedding: torch.Tensor, expression_features: torch.Tensor | None = None) -> torch.Tensor:
+        z = (cell_embedding.float() - self.embedding_mean) / self.embedding_scale  # (batch, d_model)
+        return z if expression_features is None else torch.cat([z, expression_features.float()], -1)
+
+
+class LinearReadout(nn.Module):
+    """A linear map from [standardised cell embedding; expression features] to the outputs.
+
+    Linear so that a closed-form fit (logistic or ridge regression on the training cells) can set it, and so
+    that it contains the baseline it stands beside: with the embedding's weights at zero it *is* logistic
+    regression on HVGs, or ridge on PCs.
+    """
+
+    def __init__(self, d_model: int, d_expression: int, n_out: int):
+        super().__init__()
+        self.features = EmbeddingStandardiser(d_model)
+        self.out = nn.Linear(d_model + d_expression, n_out)
+
+    def forward(self, cell_embedding: torch.Tensor, expression_features: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out(self.features(cell_embedding, expression_features))  # (batch, n_out)
+
+
+def build_expression_path(config: CellTransformerConfig) -> ExpressionPath | None:
+    genes = getattr(config, "expression_genes", None) or []
+    return ExpressionPath(len(genes), getattr(config, "expression_components", 0)) if genes else None
+
+
+def build_readout(config: CellTransformerConfig, path: ExpressionPath | None, n_out: int) -> nn.Module:
+    """The task head: scGPT's MLP on the cell embedding, or a linear readout beside the expression path."""
+    if getattr(config, "readout", "mlp") == "linear":
+        return LinearReadout(config.d_model, path.out_features if path is not None else 0, n_out)
+    if path is not None:
+        raise ValueError("the expression path needs readout='linear'")
+    return ClassifierHead(config.d_model, n_out, dropout=config.dropout)
+
+
+class TaskModel(CellTransformerPreTrainedModel):
+    """What the task models share: the cell embedding (from the backbone, or given when the backbone is
+    frozen and its embeddings were computed once) and the expression path's features."""
+
+    def cell_features(self, input_ids=None, values=None, attention_mask=None, conditions=None,
+                      cell_embedding: torch.Tensor | None = None, expression: torch.Tensor | None = None):
+        """Returns ``(cell_embedding (batch, d_model), expression features (batch, d_expr) or None)``."""
+        if cell_embedding is None:
+            cell_embedding = self.backbone(input_ids, values, attention_mask, conditions).cell_embedding
+        path = getattr(self, "expression_path", None)
+        if path is None:
+            return cell_embedding, None
+        if expression is None:
+            raise ValueError("this model has an expression path: pass `expression` (log-normalised expression of "
+                             "config.expression_genes)")
+        return cell_embedding, path(expression)
+
+    @staticmethod
+    def head_output(head: nn.Module, cell_embedding, expression_features) -> torch.Tensor:
+        if isinstance(head, LinearReadout):
+            return head(cell_embedding, expression_features)
+        return head(cell_embedding)
+
+
+class CellTransformerForAnnotation(TaskModel):
+    """Cell-type classifier on the cell embedding (and, with the expression path, HVG expression). Labels are
+    ``config.id2label``."""
 
     def __init__(self, config: CellTransformerConfig):
         super().__init__(config)
@@ -46,26 +133,29 @@ class CellTransformerForAnnotation(CellTransformerPreTrainedModel):
             raise ValueError("an annotation model needs config.id2label (its class names)")
         config.task = "annotation"
         self.backbone = CellTransformer(config)
-        self.classifier = ClassifierHead(config.d_model, len(config.id2label), dropout=config.dropout)
+        self.expression_path = build_expression_path(config)
+        self.classifier = build_readout(config, self.expression_path, len(config.id2label))
         self.post_init()
 
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         values=None,
         attention_mask=None,
         conditions=None,
         labels: torch.Tensor | None = None,
         class_weights: torch.Tensor | None = None,
+        cell_embedding: torch.Tensor | None = None,
+        expression: torch.Tensor | None = None,
         **unused,
     ) -> CellModelOutput:
-        out = self.backbone(input_ids, values, attention_mask, conditions)
-        logits = self.classifier(out.cell_embedding)
+        cell, expr = self.cell_features(input_ids, values, attention_mask, conditions, cell_embedding, expression)
+        logits = self.head_output(self.classifier, cell, expr)  # (batch, n_classes)
         terms = {}
         if labels is not None:
             terms["classification"] = F.cross_entropy(logits.float(), labels.long(), weight=class_weights)
         loss = terms["classification"] if terms else None
-        return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=out.cell_embedding)
+        return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=cell)
 
 
 # ------------------------------------------------------------------------------------------ count decoders
@@ -132,7 +222,7 @@ def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return GradientReversal.apply(x, scale)
 
 
-class CellTransformerForIntegration(CellTransformerPreTrainedModel):
+class CellTransformerForIntegration(TaskModel):
     """Batch-invariant cell embeddings: masked-value objectives plus an adversarial batch discriminator.
 
     Batches (``config.batch_names``) are tokens given to the decoders, as scGPT's ``use_batch_labels``:
@@ -163,6 +253,8 @@ class CellTransformerForIntegration(CellTransformerPreTrainedModel):
         self.value_head = ValueHead(config)
         self.decoder = ExpressionDecoder(2 * d, len(genes), getattr(config, "decoder_hidden", 4 * d), dropout=config.dropout)
         self.batch_discriminator = ClassifierHead(d, len(names), dropout=config.dropout)
+        self.expression_path = build_expression_path(config)  # PCs integrated beside the embedding (finetune)
+        self.features = EmbeddingStandardiser(d) if self.expression_path is not None else None
         self.post_init()
 
     def forward(
@@ -175,10 +267,15 @@ class CellTransformerForIntegration(CellTransformerPreTrainedModel):
         value_targets: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
         counts: torch.Tensor | None = None,
+        expression: torch.Tensor | None = None,
         **unused,
     ) -> CellModelOutput:
         out = self.backbone(input_ids, values, attention_mask, conditions)
         hidden, cell = out.hidden_states, out.cell_embedding  # (batch, seq, d_model), (batch, d_model)
+        extras = {}
+        if expression is not None and self.expression_path is not None:
+            # (batch, n_components + d_model): what Harmony integrates at embedding time (finetune)
+            extras["joint_features"] = self.features(cell, self.expression_path(expression))
         reversal = getattr(self.config, "adversary", "confusion") == "reversal"
         batch_logits = self.batch_discriminator(grad_reverse(cell, getattr(self.config, "grl_scale", 1.0)) if reversal
                                                 else cell.detach())
@@ -198,7 +295,7 @@ class CellTransformerForIntegration(CellTransformerPreTrainedModel):
                 terms["expression"] = self.decoder.nll(counts, proportions, library)
             terms.update(self.adversarial_terms(cell, batch_logits, batch_labels.long()))
         loss = sum(terms.values()) if terms else None
-        return CellModelOutput(loss=loss, loss_terms=terms, logits=batch_logits, cell_embedding=cell, extras={})
+        return CellModelOutput(loss=loss, loss_terms=terms, logits=batch_logits, cell_embedding=cell, extras=extras)
 
     def adversarial_terms(self, cell, batch_logits, batch_labels) -> dict[str, torch.Tensor]:
         """The discriminator learns to tell batches apart; the encoder is trained to defeat it.
@@ -219,7 +316,7 @@ class CellTransformerForIntegration(CellTransformerPreTrainedModel):
 
 
 # ------------------------------------------------------------------------------------------ imputation
-class CellTransformerForImputation(CellTransformerPreTrainedModel):
+class CellTransformerForImputation(TaskModel):
     """Denoising: expected counts of every gene in ``config.feature_names`` from the cell embedding and library.
 
     ``extras['proportions']`` (batch, genes) are the expected shares of the library; expected counts are
@@ -237,27 +334,32 @@ class CellTransformerForImputation(CellTransformerPreTrainedModel):
             raise ValueError(f"likelihood must be 'nb' or 'zinb', got {likelihood!r}")
         config.task = "imputation"
         self.backbone = CellTransformer(config)
+        self.expression_path = build_expression_path(config)
+        d_expr = self.expression_path.out_features if self.expression_path is not None else 0
+        self.features = EmbeddingStandardiser(config.d_model) if self.expression_path is not None else None
         hidden = getattr(config, "decoder_hidden", 4 * config.d_model)
-        self.decoder = ExpressionDecoder(config.d_model, len(genes), hidden, likelihood == "zinb", config.dropout)
+        self.decoder = ExpressionDecoder(config.d_model + d_expr, len(genes), hidden, likelihood == "zinb", config.dropout)
         self.post_init()
 
-    def forward(self, input_ids, values=None, attention_mask=None, conditions=None,
-                library_size: torch.Tensor | None = None, counts: torch.Tensor | None = None, **unused) -> CellModelOutput:
-        out = self.backbone(input_ids, values, attention_mask, conditions)
+    def forward(self, input_ids=None, values=None, attention_mask=None, conditions=None,
+                library_size: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                cell_embedding: torch.Tensor | None = None, expression: torch.Tensor | None = None,
+                **unused) -> CellModelOutput:
+        cell, expr = self.cell_features(input_ids, values, attention_mask, conditions, cell_embedding, expression)
         if library_size is None:
             raise ValueError("the imputation model needs each cell's library_size (total counts)")
         library = library_size.float().clamp(min=1.0)  # (batch,)
-        proportions, zero_logits = self.decoder(out.cell_embedding, torch.log(library))
+        representation = cell if self.features is None else self.features(cell, expr)  # (batch, d_in)
+        proportions, zero_logits = self.decoder(representation, torch.log(library))
         terms = {}
         if counts is not None:
             terms[getattr(self.config, "likelihood", "nb")] = self.decoder.nll(counts, proportions, library, zero_logits)
         loss = sum(terms.values()) if terms else None
-        return CellModelOutput(loss=loss, loss_terms=terms, cell_embedding=out.cell_embedding,
-                               extras={"proportions": proportions})
+        return CellModelOutput(loss=loss, loss_terms=terms, cell_embedding=cell, extras={"proportions": proportions})
 
 
 # ------------------------------------------------------------------------------------------ modality
-class CellTransformerForModality(CellTransformerPreTrainedModel):
+class CellTransformerForModality(TaskModel):
     """Another modality of the same cell from its RNA: protein (CLR scale, MSE) or ATAC (accessibility, BCE).
 
     ``config.modality`` is ``"protein"`` or ``"atac"`` and ``config.feature_names`` the proteins or peaks.
@@ -273,13 +375,15 @@ class CellTransformerForModality(CellTransformerPreTrainedModel):
             raise ValueError("a modality model needs config.modality ('protein' or 'atac') and config.feature_names")
         config.task = "modality"
         self.backbone = CellTransformer(config)
-        self.head = ClassifierHead(config.d_model, len(features), dropout=config.dropout)
+        self.expression_path = build_expression_path(config)
+        self.head = build_readout(config, self.expression_path, len(features))
         self.post_init()
 
-    def forward(self, input_ids, values=None, attention_mask=None, conditions=None,
-                targets: torch.Tensor | None = None, **unused) -> CellModelOutput:
-        out = self.backbone(input_ids, values, attention_mask, conditions)
-        logits = self.head(out.cell_embedding).float()  # (batch, features)
+    def forward(self, input_ids=None, values=None, attention_mask=None, conditions=None,
+                targets: torch.Tensor | None = None, cell_embedding: torch.Tensor | None = None,
+                expression: torch.Tensor | None = None, **unused) -> CellModelOutput:
+        cell, expr = self.cell_features(input_ids, values, attention_mask, conditions, cell_embedding, expression)
+        logits = self.head_output(self.head, cell, expr).float()  # (batch, features)
         atac = self.config.modality == "atac"
         terms = {}
         if targets is not None:
@@ -287,5 +391,5 @@ class CellTransformerForModality(CellTransformerPreTrainedModel):
                                                else F.mse_loss(logits, targets.float()))
         loss = sum(terms.values()) if terms else None
         predictions = torch.sigmoid(logits) if atac else logits
-        return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=out.cell_embedding,
+        return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=cell,
                                extras={"predictions": predictions})

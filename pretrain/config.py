@@ -28,6 +28,8 @@ class PretrainConfig:
     """var column holding gene identifiers instead of var_names."""
     batch_key: str | None = None
     """obs column whose values become condition tokens (off when None)."""
+    vocab_min_cells: int = 1
+    """h5ad inputs: the vocabulary keeps genes counted in at least this many cells (an unseen gene's embedding is never trained)."""
     condition_keys: tuple[str, ...] = ()
     """Further obs columns whose values become condition tokens (technology, species, modality, ...)."""
     init_from: str | None = None

@@ -74,7 +74,7 @@ def make_tokenizer(cfg: PretrainConfig, inputs) -> CellTokenizer:
         return CellTokenizer.load(cfg.init_from)
     vocab = build_vocab([a for _, a in inputs], gene_key=cfg.gene_key, specials=cfg.tokenizer.special_tokens,
                         sources=[s for s, _ in inputs], gene_id_mode=cfg.tokenizer.gene_id_mode,
-                        gene_table=cfg.tokenizer.gene_table)
+                        gene_table=cfg.tokenizer.gene_table, min_cells=cfg.vocab_min_cells, layer=cfg.layer)
     if cfg.tokenizer.kind == "rank":
         raise InputError("rank-value pretraining needs gene medians: build a corpus with `atlasformer tokenize` first.")
     return CellTokenizer(vocab, cfg.tokenizer)

@@ -120,11 +120,14 @@ def test_verdict_compares_with_scratch_and_best_baseline():
     for method, acc in {"atlasformer": 0.9, "atlasformer_scratch": 0.8, "logreg": 0.92, "pca_knn": 0.85}.items():
         rows += result_rows("annotation", "d", 0, {method: [(None, {"accuracy": acc})]})
     table = summary_table(rows).loc[("annotation", "d")]
-    line = verdict(table, ["accuracy"], ["atlasformer", "atlasformer_scratch", "logreg", "pca_knn"], {})
+    methods = ["atlasformer", "atlasformer_scratch", "logreg", "pca_knn", "atlasformer_expression_only"]
+    line = verdict(table, "annotation", ["accuracy"], methods, {})
     assert line.startswith("**Goal not met:**") and "logreg 0.920 (worse)" in line and "(better)" in line
     rows = [dict(r, value=0.95) if r["method"] == "atlasformer" else r for r in rows]
+    rows += result_rows("annotation", "d", 0, {"atlasformer_expression_only": [(None, {"accuracy": 0.99})]})
     table = summary_table(rows).loc[("annotation", "d")]
-    assert verdict(table, ["accuracy"], ["atlasformer", "atlasformer_scratch", "logreg"], {}).startswith("**Goal met:**")
+    # an ablation of atlasformer is no baseline to beat
+    assert verdict(table, "annotation", ["accuracy"], methods, {}).startswith("**Goal met:**")
 
 
 def test_methods_after_a_scanpy_baseline_keep_the_thread_limit(kang_small, tmp_path, monkeypatch):
@@ -173,11 +176,11 @@ def test_collected_report_summarises_each_goal_with_its_headline_metric(collect)
     skipped = rows("annotation", "c", {("atlasformer_scratch", "accuracy"): 0.6, ("logreg", "accuracy"): 0.9})
     metas = [{"task": "integration", "dataset": "a"}, {"task": "annotation", "dataset": "b"},
              {"task": "annotation", "dataset": "c", "skipped": {"atlasformer": "no gene names"}}]
-    lines, assessed, met = collect.goal_summary(won + lost + skipped, metas)
-    assert (assessed, met) == (2, 1)
-    assert "| annotation | b | not met | accuracy: 0.700 / 0.600 / logreg 0.950 |" in lines
-    assert "| annotation | c | not assessed | accuracy: - / 0.600 / logreg 0.900 |" in lines
-    assert "| integration | a | met | total: 0.900 / 0.500 / pca 0.800 |" in lines
+    lines, counts = collect.goal_summary(won + lost + skipped, metas)
+    assert counts == {"assessed": 2, "beats_scratch": 2, "matches_baseline": 1, "met": 1}
+    assert "| annotation | b | accuracy | 0.700 | yes | **no** | 0.600 | logreg 0.950 | - | - | - |" in lines
+    assert any(line.startswith("| annotation | c | | not assessed: no gene names") for line in lines)
+    assert "| integration | a | total | 0.900 | yes | yes | 0.500 | pca 0.800 | - | - | - |" in lines
 
 
 def test_collect_replaces_a_rerun_method_in_place(collect, tmp_path):

@@ -204,7 +204,10 @@ def test_integration_task_roundtrip(sim, tmp_path):
     task = Integrator(None, tiny_cfg(), batch_key="batch", labels_key=None)
     out, summary = _roundtrip(task, Integrator, adata, tmp_path,
                               lambda c: c["architectures"] == ["CellTransformerForIntegration"] and c["batch_names"])
-    assert out.obsm["X_atlasformer_integrated"].shape == (adata.n_obs, 32)
+    # the recipe integrates [expression PCs; embedding] with Harmony: d_model + the path's components wide
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert config["harmony"] and config["expression_components"] > 0
+    assert out.obsm["X_atlasformer_integrated"].shape == (adata.n_obs, 32 + config["expression_components"])
     assert "batch_mixing_entropy" in summary["validation"]
     with pytest.raises(InputError, match="batch_key"):
         Integrator(None, tiny_cfg(), batch_key="donor").fit(adata)
@@ -255,7 +258,8 @@ def test_cli_finetune_and_predict_every_new_task(sim, tmp_path):
     protein.write_h5ad(paired)
     quick = ["max_steps=2", "val_fraction=0.2", "tokenizer.max_seq_len=32", "scratch_model.d_model=16", "scratch_model.n_heads=2"]
     runs = {
-        "integration": (["--batch-key", "batch"], lambda out: out.obsm["X_atlasformer_integrated"].shape[1] == 16),
+        "integration": (["--batch-key", "batch"], lambda out: out.obsm["X_atlasformer_integrated"].shape[1] == 16 + json.loads(
+            (tmp_path / "integration" / "model" / "config.json").read_text())["expression_components"]),
         "imputation": ([], lambda out: out.layers["atlasformer_denoised"].shape == adata.shape),
         "modality": (["--modality", "protein", "--paired", str(paired)],
                      lambda out: list(out.uns["protein_predicted_names"]) == list(protein.var_names)),

@@ -53,23 +53,24 @@ def test_annotation_beats_majority_on_held_out_donor(shared_data):
 
 
 def test_integration_improves_batch_correction_over_pca(shared_data, tmp_path):
-    """Stated margin: the tiny from-scratch model (8 epochs) may lose up to 0.45 bio conservation against
-    the PCs of log-normalised HVGs, which separate these five cell lines almost perfectly, and must raise batch
-    correction by at least 0.05 (measured: batch correction 0.555, and 0.469 / 0.476 in two full-suite runs
-    under load, vs 0.379; bio conservation 0.402 vs 0.767; kBET off to save time)."""
+    """The integration recipe (Harmony over [expression PCs; embedding], here a tiny from-scratch backbone) must
+    keep the cell lines as well as the PCs of log-normalised HVGs (within 0.05 bio conservation) and raise batch
+    correction by at least 0.2 (measured 2026-12-06: bio conservation 0.849 vs 0.767, batch correction 0.747 vs
+    0.379; kBET off to save time)."""
     data = shared_data("cellbench_lung_lines_5batches.h5ad")
-    config = cfg(epochs=8, selection="top", dab_weight=3.0, scratch_model={**TINY, "pooling": "mean"})
+    config = cfg(selection="top", scratch_model={**TINY, "pooling": "mean"})
     task = Integrator(None, config, batch_key="batch", labels_key="cell_line", scib_disable=("kbet_per_label",))
     summary = finetune_file(task, data, tmp_path / "out")
     scib = summary["validation"]["scib"]
     ours, pca = scib["atlasformer"], scib["unintegrated_pca"]
     print("integration scib:", {m: {k: round(v[k], 3) for k in ("bio_conservation", "batch_correction", "total")}
                                 for m, v in scib.items()})
-    assert ours["batch_correction"] > pca["batch_correction"] + 0.05, scib
-    assert ours["bio_conservation"] > pca["bio_conservation"] - 0.45, scib
+    assert ours["batch_correction"] > pca["batch_correction"] + 0.2, scib
+    assert ours["bio_conservation"] > pca["bio_conservation"] - 0.05, scib
     assert summary["validation"]["scib_disabled"] == ["kbet_per_label"]
     out = ad.read_h5ad(tmp_path / "out" / "cellbench_lung_lines_5batches.h5ad")
-    assert out.obsm["X_atlasformer_integrated"].shape == (out.n_obs, 32)
+    n_components = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["expression_components"]
+    assert out.obsm["X_atlasformer_integrated"].shape == (out.n_obs, 32 + n_components)
     for name in ("umap_batch.png", "umap_cell_type.png", "scib_scores.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
 

@@ -59,12 +59,17 @@ def gene_keys(
 
 def expressed_genes(adata: ad.AnnData, layer: str | None = None, chunk_size: int = 4096) -> np.ndarray:
     """Boolean per gene: any count in any cell (computed chunk by chunk)."""
-    seen = np.zeros(adata.n_vars, dtype=bool)
+    return cells_expressing(adata, layer, chunk_size) > 0
+
+
+def cells_expressing(adata: ad.AnnData, layer: str | None = None, chunk_size: int = 4096) -> np.ndarray:
+    """Per gene, the number of cells with a non-zero count (computed chunk by chunk)."""
+    n_cells = np.zeros(adata.n_vars, dtype=np.int64)
     matrix = count_matrix(adata, layer)
     for start in range(0, adata.n_obs, chunk_size):
         block = to_csr(matrix[start : start + chunk_size])
-        seen[block.indices[block.data != 0]] = True
-    return seen
+        n_cells += np.bincount(block.indices[block.data != 0], minlength=adata.n_vars)
+    return n_cells
 
 
 def build_vocab(
@@ -75,19 +80,28 @@ def build_vocab(
     sources: list[str] | None = None,
     gene_id_mode: Literal["resolve", "raw"] = "resolve",
     gene_table: str | os.PathLike | None = None,
+    min_cells: int = 0,
+    layer: str | None = None,
 ) -> GeneVocab:
     """A vocabulary over the union of the inputs' gene keys (sorted, so it does not depend on file order).
+
+    With ``min_cells`` > 0, a gene enters only if at least that many cells (over all inputs) count it: a
+    pretrained model barely trains the embedding of a gene it (almost) never sees, and such rows would only add
+    weight to the folder.
 
     Raises :class:`InputError` naming a file none of whose genes has a usable identifier (e.g. var
     names ``'0', '1', ...``), since such a file can share no token with the others.
     """
     sources = sources or [f"data[{i}]" for i in range(len(datas))]
-    gene_lists = []
+    cells_per_key: dict[str, int] = {}
     for adata, source in zip(datas, sources):
         resolution = resolve_genes(adata, gene_key, source=source, gene_id_mode=gene_id_mode, gene_table=gene_table)
         require_identifiers(resolution, source)
-        gene_lists.append([k for k in resolution.keys if k is not None])
-    return GeneVocab.from_gene_lists(gene_lists, specials=specials)
+        n_cells = cells_expressing(adata, layer) if min_cells > 0 else np.zeros(adata.n_vars, dtype=np.int64)
+        for key, n in zip(resolution.keys, n_cells.tolist()):
+            if key is not None:
+                cells_per_key[key] = cells_per_key.get(key, 0) + n
+    return GeneVocab.from_gene_lists([[k for k, n in cells_per_key.items() if n >= min_cells]], specials=specials)
 
 
 @dataclass

@@ -1,0 +1,172 @@
+"""The expression path beside the embedding, and the closed-form fit of the linear readout.
+
+The simple baselines win on small data because they see the log-normalised expression of highly variable
+genes (logistic regression on HVGs, ridge on their principal components). A task model with an expression
+path sees the same features next to its cell embedding, so pretraining can only add to what the baseline
+does: the readout is linear, and fitted on the training cells by the baseline's own estimator (L2 logistic
+regression with C=1 for classes, RidgeCV for protein, per-peak logistic regression for ATAC) over
+[standardised embedding; expression features]. With the embedding's weights at zero it *is* the baseline.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression, RidgeCV
+
+from atlasformer.model_zoo.task_heads import EmbeddingStandardiser, ExpressionPath, LinearReadout
+from atlasformer.tokenization import CellTokenizer, InputError
+
+from .baselines import RIDGE_ALPHAS, log_normalize, select_hvgs
+from .common import model_gene_keys, read_counts
+
+
+def path_gene_columns(adata: ad.AnnData, tokenizer: CellTokenizer, gene_key=None, source: str = "data") -> dict[str, int]:
+    """Each gene's first column, named as the expression path names genes: its vocabulary key where it resolves,
+    else its name in the file (so the path sees every gene the baselines see, resolvable or not)."""
+    keys = model_gene_keys(adata, tokenizer, gene_key, source)
+    raw = adata.var[gene_key] if gene_key else adata.var_names
+    columns: dict[str, int] = {}
+    for i, (key, name) in enumerate(zip(keys, raw)):
+        label = str(key) if key is not None and key == key else str(name)
+        columns.setdefault(label, i)
+    return columns
+
+
+def choose_expression_genes(adata: ad.AnnData, tokenizer: CellTokenizer, rows: np.ndarray, n_genes: int, *,
+                            layer=None, gene_key=None, source: str = "data") -> list[str]:
+    """The ``n_genes`` HVGs (scanpy, seurat flavour) of the training cells at ``rows``, as the baselines choose
+    them (log-normalised over all of each cell's counts)."""
+    columns = path_gene_columns(adata, tokenizer, gene_key, source)
+    names, cols = list(columns), np.fromiter(columns.values(), dtype=np.int64)
+    log_counts = log_normalize(read_counts(adata, layer, source)[rows])[:, cols]
+    return [names[i] for i in select_hvgs(log_counts, n_genes)]
+
+
+def expression_inputs(adata: ad.AnnData, genes: list[str], tokenizer: CellTokenizer, *, layer=None, gene_key=None,
+                      source: str = "data") -> np.ndarray:
+    """(cells, genes) log-normalised expression (log1p of counts per 10,000 of the whole cell) of ``genes``;
+    a gene the file lacks reads as 0 (not expressed)."""
+    columns = path_gene_columns(adata, tokenizer, gene_key, source)
+    present = [i for i, g in enumerate(genes) if g in columns]
+    if len(present) < 0.5 * len(genes):
+        print(f"{source}: only {len(present)} of the model's {len(genes)} expression-path genes are in this file; "
+              "the missing ones read as not expressed.")
+    out = np.zeros((adata.n_obs, len(genes)), dtype=np.float32)
+    if present:
+        log_counts = log_normalize(read_counts(adata, layer, source))
+        out[:, present] = log_counts[:, [columns[genes[i]] for i in present]].toarray()
+    return out
+
+
+def n_expression_components(requested: int, n_train: int, n_genes: int) -> int:
+    """PCs the expression path can have: at most one fewer than the training cells, and no more than genes."""
+    return 0 if requested <= 0 else max(1, min(requested, n_train - 1, n_genes))
+
+
+@torch.no_grad()
+def fit_expression_path(path: ExpressionPath, x_train: np.ndarray, seed: int = 0) -> None:
+    """Set the path's centring (and PCA loadings) from the training cells' log-normalised expression."""
+    n_components = path.components.shape[0]
+    if n_components:
+        pca = PCA(n_components=n_components, random_state=seed).fit(x_train)
+        path.mean.copy_(torch.as_tensor(pca.mean_, dtype=torch.float32))
+        path.components.copy_(torch.as_tensor(pca.components_, dtype=torch.float32))
+    else:
+        path.mean.copy_(torch.as_tensor(x_train.mean(0), dtype=torch.float32))
+
+
+@torch.no_grad()
+def path_features(path: ExpressionPath | None, x: np.ndarray | None) -> np.ndarray | None:
+    return None if path is None else path(torch.as_tensor(x)).numpy()
+
+
+@torch.no_grad()
+def readout_features(readout: LinearReadout, embedding: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    """(cells, d_model + d_expr) what the readout's linear map sees."""
+    expr = None if features is None else torch.as_tensor(features)
+    return readout.features(torch.as_tensor(embedding), expr).numpy()
+
+
+@torch.no_grad()
+def standardise_embedding(module: EmbeddingStandardiser | LinearReadout, embedding: np.ndarray,
+                          use_embedding: bool = True, *, features: np.ndarray | None = None,
+                          weight: float | None = None) -> None:
+    """Centre the embedding and scale it on the training cells: each dimension to unit variance or, given the
+    expression ``features`` beside it and a ``weight``, the whole embedding to ``weight`` times their total
+    variance (so a penalised readout pays for the embedding as for the features, and a small weight keeps it
+    close to the baseline). Without ``use_embedding`` the scale is infinite: the embedding reads as zeros and the
+    expression path stands alone (an ablation)."""
+    module = module.features if isinstance(module, LinearReadout) else module
+    module.embedding_mean.copy_(torch.as_tensor(embedding.mean(0), dtype=torch.float32))
+    scale = embedding.std(0) + 1e-6
+    if features is not None and weight is not None and len(embedding) > 1:
+        scale = scale / np.sqrt(weight * features.var(0).sum() / embedding.shape[1] + 1e-12)
+    if not use_embedding:
+        scale = np.full(embedding.shape[1], np.inf)
+    module.embedding_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+
+
+@torch.no_grad()
+def fit_logistic_readout(readout: LinearReadout, z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> None:
+    """L2 logistic regression (C=1, the logreg baseline's estimator) on ``z``; classes absent from ``y`` get
+    weight 0 and a very low bias, so they are never predicted."""
+    present = np.unique(y)
+    weight = np.zeros((n_classes, z.shape[1]))
+    bias = np.full(n_classes, -30.0)
+    if len(present) == 1:
+        bias[present[0]] = 0.0
+    else:
+        model = LogisticRegression(C=1.0, max_iter=1000, random_state=seed).fit(z, y)
+        if len(present) == 2:  # sklearn's binary model: one logit for the second class against the first
+            weight[present[1]], bias[present] = model.coef_[0], (0.0, model.intercept_[0])
+        else:
+            weight[present], bias[present] = model.coef_, model.intercept_
+    _set_linear(readout.out, weight, bias)
+
+
+@torch.no_grad()
+def fit_ridge_readout(readout: LinearReadout, z: np.ndarray, y: np.ndarray) -> float:
+    """Multi-output RidgeCV (the ridge baseline's estimator and alphas) on ``z``; returns the chosen alpha."""
+    model = RidgeCV(alphas=RIDGE_ALPHAS).fit(z, np.asarray(y, dtype=np.float64))
+    _set_linear(readout.out, model.coef_, model.intercept_)
+    return float(model.alpha_)
+
+
+@torch.no_grad()
+def fit_per_feature_logistic_readout(readout: LinearReadout, z: np.ndarray, y: np.ndarray, seed: int = 0,
+                                     c: float = 1.0) -> None:
+    """One L2 logistic regression (inverse penalty ``c``) per binary target (ATAC peak); a peak with one class in
+    training gets its training frequency as a constant."""
+    weight, bias = np.zeros((y.shape[1], z.shape[1])), np.zeros(y.shape[1])
+    for j in range(y.shape[1]):
+        target = y[:, j] > 0.5
+        if target.all() or not target.any():
+            p = np.clip(target.mean(), 1e-4, 1 - 1e-4)
+            bias[j] = np.log(p / (1 - p))
+            continue
+        model = LogisticRegression(C=c, max_iter=500, random_state=seed).fit(z, target)
+        weight[j], bias[j] = model.coef_[0], model.intercept_[0]
+    _set_linear(readout.out, weight, bias)
+
+
+def _set_linear(linear: torch.nn.Linear, weight: np.ndarray, bias: np.ndarray) -> None:
+    linear.weight.copy_(torch.as_tensor(weight, dtype=linear.weight.dtype))
+    linear.bias.copy_(torch.as_tensor(bias, dtype=linear.bias.dtype))
+
+
+def expression_setup(adata: ad.AnnData, tokenizer: CellTokenizer, cfg, train_rows: np.ndarray, *, layer=None,
+                     gene_key=None, source: str = "data") -> tuple[dict, np.ndarray | None]:
+    """The head's config fields (readout, expression genes and components) and the (cells of ``adata``, genes)
+    expression path input, chosen on the training cells at ``train_rows`` (None when the path is off)."""
+    if not cfg.expression_genes:
+        return {"readout": cfg.readout}, None
+    if cfg.readout != "linear":
+        raise InputError("the expression path needs the linear readout: set readout=linear, or expression_genes=0.")
+    genes = choose_expression_genes(adata, tokenizer, train_rows, cfg.expression_genes, layer=layer, gene_key=gene_key,
+                                    source=source)
+    x = expression_inputs(adata, genes, tokenizer, layer=layer, gene_key=gene_key, source=source)
+    n_components = n_expression_components(cfg.expression_pcs or 0, len(train_rows), len(genes))
+    return {"readout": "linear", "expression_genes": genes, "expression_components": n_components}, x

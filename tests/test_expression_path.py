@@ -1,0 +1,162 @@
+"""The expression path beside the embedding and the closed-form readouts: they contain the baseline they stand
+beside (logistic regression on HVGs, ridge on PCs), save and load with the model, and are the task recipes."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.linear_model import LogisticRegression, RidgeCV
+
+from atlasformer.finetune import Annotator, FinetuneConfig, Imputer, Integrator, ModalityPredictor
+from atlasformer.finetune.baselines import RIDGE_ALPHAS, log_normalize
+from atlasformer.finetune.expression import (
+    expression_inputs,
+    fit_logistic_readout,
+    fit_per_feature_logistic_readout,
+    fit_ridge_readout,
+    readout_features,
+    standardise_embedding,
+)
+from atlasformer.model_zoo.task_heads import ExpressionPath, LinearReadout
+from atlasformer.tokenization import CellTokenizer, TokenizerConfig, build_vocab, simulate_counts
+from atlasformer.tokenization.simulate import simulate_proteins
+
+TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.0}
+
+
+def scratch(**kw):
+    tok = TokenizerConfig(max_seq_len=64, gene_id_mode="raw")
+    return FinetuneConfig(**{"from_scratch": True, "scratch_model": TINY, "tokenizer": tok, "max_steps": 5, **kw})
+
+
+def readout_with_constant_embedding(n_expr, n_out, n_cells, d_model=8):
+    """A readout whose embedding block is all zeros after standardisation (a constant embedding)."""
+    readout = LinearReadout(d_model, n_expr, n_out)
+    embedding = np.ones((n_cells, d_model), dtype=np.float32)
+    standardise_embedding(readout, embedding)
+    return readout, embedding
+
+
+def predict(readout, embedding, x):
+    with torch.no_grad():
+        return readout(torch.as_tensor(embedding), torch.as_tensor(x)).numpy()
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logistic_readout_is_logreg_when_the_embedding_says_nothing(n_classes):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 10)).astype(np.float32)
+    y = (x[:, :n_classes].argmax(1) if n_classes > 2 else (x[:, 0] > 0)).astype(np.int64)
+    readout, embedding = readout_with_constant_embedding(10, n_classes + 1, 120)  # one class never seen
+    fit_logistic_readout(readout, readout_features(readout, embedding, x), y, n_classes + 1)
+    ours = predict(readout, embedding, x)
+    sk = LogisticRegression(C=1.0, max_iter=1000).fit(x, y)
+    np.testing.assert_array_equal(ours.argmax(1), sk.predict(x))
+    np.testing.assert_allclose(torch.softmax(torch.as_tensor(ours), -1).numpy()[:, :n_classes], sk.predict_proba(x),
+                               atol=1e-5)
+    assert (ours.argmax(1) != n_classes).all()  # the unseen class is never predicted
+
+
+def test_ridge_readout_is_ridge_when_the_embedding_says_nothing():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(80, 6)).astype(np.float32)
+    y = x @ rng.normal(size=(6, 3)) + rng.normal(scale=0.1, size=(80, 3))
+    readout, embedding = readout_with_constant_embedding(6, 3, 80)
+    fit_ridge_readout(readout, readout_features(readout, embedding, x), y)
+    np.testing.assert_allclose(predict(readout, embedding, x), RidgeCV(alphas=RIDGE_ALPHAS).fit(x, y).predict(x),
+                               atol=1e-4)
+
+
+def test_per_peak_logistic_readout_handles_constant_peaks():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    y = np.stack([x[:, 0] > 0, np.zeros(60, bool), np.ones(60, bool)], 1).astype(np.float32)
+    readout, embedding = readout_with_constant_embedding(4, 3, 60)
+    fit_per_feature_logistic_readout(readout, readout_features(readout, embedding, x), y)
+    prob = torch.sigmoid(torch.as_tensor(predict(readout, embedding, x))).numpy()
+    assert ((prob[:, 0] > 0.5) == (x[:, 0] > 0)).mean() > 0.9
+    assert prob[:, 1].max() < 1e-3 and prob[:, 2].min() > 1 - 1e-3
+
+
+def test_expression_path_projects_on_principal_components():
+    path = ExpressionPath(5, 2)
+    from atlasformer.finetune.expression import fit_expression_path
+
+    x = np.random.default_rng(3).normal(size=(50, 5)).astype(np.float32)
+    fit_expression_path(path, x)
+    from sklearn.decomposition import PCA
+
+    expected = PCA(2, random_state=0).fit_transform(x)
+    np.testing.assert_allclose(np.abs(path(torch.as_tensor(x)).numpy()), np.abs(expected), atol=1e-4)
+
+
+def test_expression_inputs_are_log_normalised_and_missing_genes_read_zero():
+    adata = simulate_counts(n_cells=30, n_genes=40, seed=0)
+    tokenizer = CellTokenizer(build_vocab([adata], gene_id_mode="raw"), TokenizerConfig(gene_id_mode="raw"))
+    genes = [adata.var_names[3], "NOT_A_GENE", adata.var_names[7]]
+    x = expression_inputs(adata, genes, tokenizer)
+    full = log_normalize(sp.csr_matrix(adata.X)).toarray()
+    np.testing.assert_allclose(x[:, [0, 2]], full[:, [3, 7]], rtol=1e-5)
+    assert (x[:, 1] == 0).all()
+
+
+def test_task_recipes_fill_only_what_the_user_left_unset():
+    assert Annotator().config.mode == "frozen" and Annotator().config.readout == "linear"
+    assert Annotator(config=FinetuneConfig(mode="full", expression_genes=0)).config.mode == "full"
+    assert Annotator(config=FinetuneConfig(expression_genes=0)).config.expression_genes == 0
+    assert Integrator().config.harmony is True and ModalityPredictor().config.expression_pcs == 50
+    assert Imputer().config.epochs == 50 and FinetuneConfig().with_recipe({}).mode == "full"
+
+
+def test_annotation_with_expression_path_saves_loads_and_matches_logreg(tmp_path):
+    adata = simulate_counts(n_cells=300, n_genes=200, n_cell_types=4, n_batches=2, seed=1)
+    task = Annotator(None, scratch(expression_genes=100, val_fraction=0.3), labels_key="cell_type")
+    metrics = task.fit(adata)
+    assert task.model.expression_path is not None and len(task.model.config.expression_genes) == 100
+    assert metrics["accuracy"] > 0.9
+    task.save(tmp_path / "model")
+    again = Annotator.load(tmp_path / "model")
+    np.testing.assert_array_equal(again.predict(adata)["label"], task.predict(adata)["label"])
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_every_task_runs_with_the_expression_path(mode, tmp_path):
+    adata = simulate_counts(n_cells=240, n_genes=120, n_cell_types=3, n_batches=2, seed=2)
+    cfg = scratch(mode=mode, expression_genes=60, expression_pcs=10, val_fraction=0.25)
+    integ = Integrator(None, cfg, batch_key="batch")
+    integ.fit(adata)
+    emb = integ.embed(adata)
+    assert emb.shape == (adata.n_obs, 10 + TINY["d_model"]) and np.isfinite(emb).all()
+    imputer = Imputer(None, cfg)
+    imputer.fit(adata)
+    cp10k = imputer.predict(adata)
+    np.testing.assert_allclose(np.nansum(cp10k, 1), 1e4, rtol=1e-3)
+    protein = simulate_proteins(adata, n_proteins=5)
+    predictor = ModalityPredictor(None, cfg, modality="protein")
+    val = predictor.fit(adata, paired=protein)
+    assert val["rmse"] < val["mean_baseline"]["rmse"]
+    predictor.save(tmp_path / mode)
+    again = ModalityPredictor.load(tmp_path / mode)
+    np.testing.assert_allclose(again.predict(adata), predictor.predict(adata), atol=1e-5)
+
+
+def test_frozen_embeddings_are_computed_once_per_cell_and_backbone(monkeypatch):
+    from atlasformer.finetune import common
+    from atlasformer.model_zoo import CellTransformer, CellTransformerConfig
+    from atlasformer.tokenization import tokenize_anndata
+
+    adata = simulate_counts(n_cells=50, n_genes=60, seed=4)
+    tokenizer = CellTokenizer(build_vocab([adata], gene_id_mode="raw"), TokenizerConfig(gene_id_mode="raw", max_seq_len=32))
+    cells = tokenize_anndata(adata, tokenizer).cells
+    backbone = CellTransformer(CellTransformerConfig(vocab_size=len(tokenizer.vocab), d_model=16, n_layers=1, n_heads=2))
+    expected = common.run_model(backbone, cells, tokenizer)
+    calls = []
+    real = common.run_model
+    monkeypatch.setattr(common, "run_model", lambda *a, **k: calls.append(len(k.get("rows", []))) or real(*a, **k))
+    np.testing.assert_allclose(common.frozen_embeddings(backbone, cells, tokenizer), expected, atol=1e-5)
+    np.testing.assert_allclose(common.frozen_embeddings(backbone, cells, tokenizer), expected, atol=1e-5)
+    assert calls == [50]  # the second call found every cell
+    with torch.no_grad():
+        backbone.embeddings.genes.weight.add_(1.0)  # other weights: computed again
+    common.frozen_embeddings(backbone, cells, tokenizer)
+    assert calls == [50, 50]
