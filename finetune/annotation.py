@@ -23,7 +23,6 @@ from atlasformer.tokenization.anndata_io import check_obs_key
 from .common import (
     FinetunedTask,
     build_task_model,
-    frozen_embeddings,
     iter_model_outputs,
     load_backbone,
     model_batch,
@@ -32,14 +31,7 @@ from .common import (
     tokenize_for_model,
 )
 from .config import FinetuneConfig
-from .expression import (
-    expression_setup,
-    fit_expression_path,
-    fit_logistic_readout,
-    path_features,
-    readout_features,
-    standardise_embedding,
-)
+from .expression import expression_setup, fit_expression_path, fit_logistic_readout, readout_inputs
 from .fit import fit
 from .metrics import classification_metrics, plot_confusion_matrix
 
@@ -116,11 +108,7 @@ class Annotator(FinetunedTask):
             return metrics["macro_f1"], metrics
 
         if cfg.readout == "linear":  # start from (frozen: end at) the closed-form fit on the pretrained embedding
-            embedding = frozen_embeddings(model.backbone, cells, tokenizer)  # (cells, d_model)
-            expr = path_features(model.expression_path, x)  # (cells, d_expr) or None
-            standardise_embedding(model.classifier, embedding[fit_rows], cfg.use_embedding,
-                                  features=None if expr is None else expr[fit_rows], weight=cfg.embedding_weight)
-            z = readout_features(model.classifier, embedding, expr)
+            z = readout_inputs(model, model.classifier, cells, tokenizer, x, fit_rows, cfg)
             fit_logistic_readout(model.classifier, z[train], y[train], len(classes), cfg.seed)
         if closed_form:
             model.eval()

@@ -20,7 +20,7 @@ from atlasformer.model_zoo.task_heads import EmbeddingStandardiser, ExpressionPa
 from atlasformer.tokenization import CellTokenizer, InputError
 
 from .baselines import RIDGE_ALPHAS, log_normalize, select_hvgs
-from .common import model_gene_keys, read_counts
+from .common import frozen_embeddings, model_gene_keys, read_counts
 
 
 def path_gene_columns(adata: ad.AnnData, tokenizer: CellTokenizer, gene_key=None, source: str = "data") -> dict[str, int]:
@@ -107,6 +107,18 @@ def standardise_embedding(module: EmbeddingStandardiser | LinearReadout, embeddi
     if not use_embedding:
         scale = np.full(embedding.shape[1], np.inf)
     module.embedding_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+
+
+def readout_inputs(model, readout: LinearReadout, cells, tokenizer: CellTokenizer, x: np.ndarray | None,
+                   rows: np.ndarray, cfg) -> np.ndarray:
+    """(cells, d_model + d_expr) what ``readout`` sees for every cell: the frozen backbone's embedding (computed
+    once per cell) beside the expression path's features of ``x``, the embedding scaled on the cells at ``rows``
+    (``cfg.use_embedding``, ``cfg.embedding_weight``)."""
+    embedding = frozen_embeddings(model.backbone, cells, tokenizer)  # (cells, d_model)
+    expr = path_features(model.expression_path, x)  # (cells, d_expr) or None
+    standardise_embedding(readout, embedding[rows], cfg.use_embedding,
+                          features=None if expr is None else expr[rows], weight=cfg.embedding_weight)
+    return readout_features(readout, embedding, expr)
 
 
 @torch.no_grad()

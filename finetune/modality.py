@@ -28,7 +28,6 @@ from atlasformer.tokenization import InputError, read_h5ad
 from .common import (
     FinetunedTask,
     build_task_model,
-    frozen_embeddings,
     iter_model_outputs,
     load_backbone,
     model_batch,
@@ -42,9 +41,7 @@ from .expression import (
     fit_expression_path,
     fit_per_feature_logistic_readout,
     fit_ridge_readout,
-    path_features,
-    readout_features,
-    standardise_embedding,
+    readout_inputs,
 )
 from .fit import fit
 from .metrics import atac_metrics, clr, protein_metrics
@@ -211,11 +208,7 @@ class ModalityPredictor(FinetunedTask):
             return (score if np.isfinite(score) else metrics.get("auroc", -np.inf)), metrics
 
         if cfg.readout == "linear":  # start from (frozen: end at) the closed-form fit on the pretrained embedding
-            embedding = frozen_embeddings(model.backbone, cells, tokenizer)  # (cells, d_model)
-            expr = path_features(model.expression_path, x)  # (cells, d_expr) or None
-            standardise_embedding(model.head, embedding[fit_rows], cfg.use_embedding,
-                                  features=None if expr is None else expr[fit_rows], weight=cfg.embedding_weight)
-            z = readout_features(model.head, embedding, expr)
+            z = readout_inputs(model, model.head, cells, tokenizer, x, fit_rows, cfg)
             penalty = self._fit_readout(model, z, y, train, val, validate)
         else:
             start_at_mean(model, y[train].mean(0), self.modality)
