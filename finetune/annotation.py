@@ -110,10 +110,15 @@ class Annotator(FinetunedTask):
         if cfg.readout == "linear":  # start from (frozen: end at) the closed-form fit on the pretrained embedding
             z = readout_inputs(model, model.classifier, cells, tokenizer, x, fit_rows, cfg)
             fit_logistic_readout(model.classifier, z[train], y[train], len(classes), cfg.seed)
+        def validation_pairs(m):  # (true, predicted) labels of the validation cells, for the confusion matrix
+            logits = run_model(m, cells, tokenizer, rows=val, outputs=lambda out: out.logits, **extra)
+            return np.asarray(classes)[y[val]], np.asarray(classes)[logits.argmax(1)]
+
         if closed_form:
             model.eval()
             self.model, self.validation = model, validate(model)[1]  # scored on held-out cells, then refitted on all
             self.validation["refitted_on_all_cells"] = True
+            self._val_pairs = validation_pairs(model)
             fit_logistic_readout(model.classifier, z[fit_rows], y[fit_rows], len(classes), cfg.seed)
         else:
             weights = None
@@ -132,10 +137,7 @@ class Annotator(FinetunedTask):
                 return batch
 
             self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="annotation")
-        true = np.asarray(classes)[y[val]]
-        pred = np.asarray(classes)[run_model(self.model, cells, tokenizer, rows=val, outputs=lambda out: out.logits,
-                                             **extra).argmax(1)]
-        self._val_pairs = (true, pred)
+            self._val_pairs = validation_pairs(self.model)
         return self.validation
 
     # ------------------------------------------------------------------ inference

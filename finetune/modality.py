@@ -216,6 +216,7 @@ class ModalityPredictor(FinetunedTask):
             model.eval()
             self.model, self.validation = model, validate(model)[1]  # scored on held-out cells, then refitted on all
             self.validation["refitted_on_all_cells"] = True
+            self._plot_data = {"true": y[val], "pred": predictions(model, val), "names": names}  # before the refit
             self._fit_readout(model, z, y, fit_rows, None, None, penalty)
         else:
             def make_batch(rows):
@@ -227,7 +228,7 @@ class ModalityPredictor(FinetunedTask):
 
             self.model, self.validation = fit(model, len(train), make_batch, validate, cfg,
                                               description=f"modality ({self.modality})")
-        self._plot_data = {"true": y[val], "pred": predictions(self.model, val), "names": names}
+            self._plot_data = {"true": y[val], "pred": predictions(self.model, val), "names": names}
         return self.validation
 
     def _fit_readout(self, model, z, y, rows, val, validate, penalty: float | None = None) -> float | None:
