@@ -178,9 +178,9 @@ def test_collected_report_summarises_each_goal_with_its_headline_metric(collect)
              {"task": "annotation", "dataset": "c", "skipped": {"atlasformer": "no gene names"}}]
     lines, counts = collect.goal_summary(won + lost + skipped, metas)
     assert counts == {"assessed": 2, "beats_scratch": 2, "matches_baseline": 1, "met": 1}
-    assert "| annotation | b | accuracy | 0.700 | yes | **no** | 0.600 | logreg 0.950 | - | - | - |" in lines
+    assert "| annotation | b | accuracy | 0.7000 | yes | **no** | 0.6000 | logreg 0.9500 | - | - | - |" in lines
     assert any(line.startswith("| annotation | c | | not assessed: no gene names") for line in lines)
-    assert "| integration | a | total | 0.900 | yes | yes | 0.500 | pca 0.800 | - | - | - |" in lines
+    assert "| integration | a | total | 0.9000 | yes | yes | 0.5000 | pca 0.8000 | - | - | - |" in lines
 
 
 def test_collect_replaces_a_rerun_method_in_place(collect, tmp_path):
