@@ -7,7 +7,7 @@ import os
 import anndata as ad
 import numpy as np
 
-from atlasformer.finetune.common import iter_model_outputs
+from atlasformer.finetune.common import iter_model_outputs, record_provenance
 from atlasformer.pretrain.convert import resolve_model
 from atlasformer.pretrain.export import load_model_folder
 
@@ -50,9 +50,13 @@ def embed(adata: ad.AnnData, model, *, layer: str | None = None, gene_key: str |
           key_added: str = "X_atlasformer", chunk_size: int = 2048, batch_size: int = 64, copy: bool = False):
     """Zero-shot cell embeddings from any checkpoint into ``obsm[key_added]`` (see :func:`cell_embeddings`).
 
-    Returns an annotated copy with ``copy=True``, else writes into ``adata`` and returns None.
+    Returns an annotated copy with ``copy=True``, else writes into ``adata`` and returns None. Which model and
+    layer produced the embedding is recorded in ``uns['atlasformer']['obsm'][key_added]``.
     """
-    emb = cell_embeddings(adata, model, layer=layer, gene_key=gene_key, chunk_size=chunk_size, batch_size=batch_size)
+    pair = from_pretrained(model) if isinstance(model, (str, os.PathLike)) else model
+    emb = cell_embeddings(adata, pair, layer=layer, gene_key=gene_key, chunk_size=chunk_size, batch_size=batch_size)
     target = adata.copy() if copy else adata
     target.obsm[key_added] = emb
+    record_provenance(target, {("obsm", key_added)}, model=model if isinstance(model, (str, os.PathLike)) else
+                      "in-memory model", layer=layer, settings={"gene_key": gene_key}, weights=pair[0])
     return target if copy else None

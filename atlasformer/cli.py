@@ -11,6 +11,7 @@ import argparse
 import json
 import numbers
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ def add_io(parser: argparse.ArgumentParser, *, model: bool = True, labels: bool 
         parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
         parser.add_argument("--subfolder", help="folder inside the model repository that holds the model")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    add_overwrite(parser)
     parser.add_argument("--layer", help="read counts from this layer instead of X")
     parser.add_argument("--gene-key", help="var column with gene identifiers instead of var_names")
     if labels:
@@ -39,6 +41,11 @@ def add_io(parser: argparse.ArgumentParser, *, model: bool = True, labels: bool 
         parser.add_argument("--batch-key", help="obs column with batches")
     parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
     parser.epilog = OVERRIDES_HELP
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an output folder holding files atlasformer did not write (never over an input)")
 
 
 def single_input(args) -> str:
@@ -70,7 +77,7 @@ def cmd_pretrain(args) -> int:
     if args.model:
         base["init_from"] = str(resolved_model(args))
     cfg = load_config(PretrainConfig, args.config, args.overrides, base=base)
-    out = train(cfg, resume=args.resume, run_config=to_plain(cfg))
+    out = train(cfg, resume=args.resume, run_config=to_plain(cfg), overwrite=args.overwrite)
     print(f"model folder: {out}")
     return finished_worker_exit()
 
@@ -103,6 +110,8 @@ def cmd_tokenize(args) -> int:
     tokenizer_items = [o.removeprefix("tokenizer.") for o in args.overrides if o not in build]
     tokenizer_cfg = load_config(TokenizerConfig, args.config, tokenizer_items)
     base = {k: getattr(args, k) for k in ("layer", "gene_key", "batch_key", "labels_key") if getattr(args, k, None)}
+    if args.overwrite:
+        base["overwrite"] = True
     cfg = dataclasses.replace(load_config(CorpusConfig, None, build, base=base), tokenizer=tokenizer_cfg)
     tokenizer = CellTokenizer.load(resolved_model(args)) if args.model else None
     manifest = build_corpus(args.data, args.output, tokenizer, config=cfg)
@@ -156,10 +165,12 @@ def cmd_finetune(args) -> int:
     if not cfg.from_scratch and not args.model:
         raise ConfigError("pass --model (a pretrained folder or hub id), or --from-scratch.")
     task = make_task(args.task, args, cfg)
+    queries = expand(args.query or [])
     summary = finetune_file(task, single_input(args), args.output, with_x=args.with_x,
-                            run_config={"task": args.task, **to_plain(cfg)})
+                            run_config={"task": args.task, **to_plain(cfg)}, queries=tuple(queries),
+                            overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary["validation"].items() if not isinstance(v, dict)}, indent=2))
-    for query in expand(args.query or []):  # label transfer / prediction on further files with the new model
+    for query in queries:  # label transfer / prediction on further files with the new model
         from atlasformer.finetune import predict_file
 
         print(f"wrote {predict_file(task, query, args.output, with_x=args.with_x)}")
@@ -184,13 +195,15 @@ def load_task(task: str, args, cfg):
 
 
 def cmd_predict(args) -> int:
-    from atlasformer.finetune import predict_file
+    from atlasformer.finetune import predict_file, prepare_outputs
 
     if not args.model:
         raise ConfigError("predict needs --model: a fine-tuned model folder or hub id.")
+    files = expand(args.data)
+    prepare_outputs(args.output, files, reads=(args.model,), overwrite=args.overwrite, command="predict")
     cfg = finetune_config(args, args.task)
     task = load_task(args.task, args, cfg)
-    for data in expand(args.data):
+    for data in files:
         print(f"wrote {predict_file(task, data, args.output, with_x=args.with_x)}")
     return 0
 
@@ -203,17 +216,23 @@ def expand(paths):
 
 def cmd_embed(args) -> int:
     from atlasformer.api import cell_embeddings, from_pretrained
-    from atlasformer.finetune.common import output_adata, write_h5ad_atomic
-    from atlasformer.tokenization import input_stem, read_h5ad
+    from atlasformer.finetune import prepare_outputs
+    from atlasformer.finetune.common import output_adata, record_provenance, write_h5ad_atomic
+    from atlasformer.finetune.runner import annotated_path
+    from atlasformer.tokenization import read_h5ad
 
     if not args.model:
         raise ConfigError("embed needs --model: a model folder or hub id.")
+    files = expand(args.data)
+    prepare_outputs(args.output, files, reads=(args.model,), overwrite=args.overwrite, command="embed")
     pair = from_pretrained(args.model, revision=args.revision, subfolder=args.subfolder)
-    for data in expand(args.data):
+    for data in files:
         adata = read_h5ad(data, backed=True)
         target = output_adata(adata, args.with_x)
         target.obsm["X_atlasformer"] = cell_embeddings(adata, pair, layer=args.layer, gene_key=args.gene_key)
-        print(f"wrote {write_h5ad_atomic(target, Path(args.output) / f'{input_stem(data)}.h5ad')}")
+        record_provenance(target, {("obsm", "X_atlasformer")}, model=args.model, layer=args.layer,
+                          settings={"gene_key": args.gene_key}, weights=pair[0])
+        print(f"wrote {write_h5ad_atomic(target, annotated_path(data, args.output))}")
     return 0
 
 
@@ -222,10 +241,11 @@ def cmd_quickstart(args) -> int:
     from atlasformer.finetune import FinetuneConfig, finetune_file
     from atlasformer.pretrain import PretrainConfig, train
     from atlasformer.tokenization import simulate_counts, simulate_proteins
+    from atlasformer.tokenization.outputs import prepare_output_folder
 
     start = time.perf_counter()
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = prepare_output_folder(args.output, [*(args.data or []), *([args.paired] if args.paired else [])],
+                                   overwrite=args.overwrite, command="quickstart")
     if args.data:
         data, paired, labels_key, batch_key = single_input(args), args.paired, args.labels_key, args.batch_key
         if not labels_key:
@@ -249,7 +269,8 @@ def cmd_quickstart(args) -> int:
     ft_cfg = load_config(FinetuneConfig, root / "finetune" / "quickstart.yaml")
     heads = quickstart_heads(model_dir, ft_cfg, labels_key=labels_key, batch_key=batch_key, paired=paired,
                              layer=args.layer)
-    results = {name: finetune_file(task, data, output / name, run_config={"task": name, **to_plain(ft_cfg)})
+    results = {name: finetune_file(task, data, output / name, run_config={"task": name, **to_plain(ft_cfg)},
+                                   overwrite=args.overwrite)
                for name, task in heads.items()}
     print(f"\nquickstart finished in {time.perf_counter() - start:.0f} s")
     for name, summary in results.items():
@@ -284,6 +305,10 @@ def cmd_benchmark(args) -> int:
     if (args.paired is None) != (args.modality is None):
         raise ConfigError("--paired FILE and --modality protein|atac go together.")
     args.model = args.model or SHIPPED_MODEL
+    from atlasformer.tokenization.outputs import prepare_output_folder
+
+    prepare_output_folder(args.output, [*args.data, *([args.paired] if args.paired else [])], overwrite=args.overwrite,
+                          command="benchmark")
     command = "atlasformer " + " ".join(sys.argv[1:]) if sys.argv else ""
     result = run_benchmark(args.task, single_input(args), output=args.output, paired=args.paired,
                            modality=args.modality, labels_key=args.labels_key, batch_key=args.batch_key,
@@ -350,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="End-to-end demo on simulated data (or --data FILE --labels-key K).")
     p.add_argument("--data", nargs="+", metavar="FILE", help="your own h5ad (default: simulated data)")
     p.add_argument("--output", default="quickstart_output", metavar="DIR", help="output folder")
+    add_overwrite(p)
     p.add_argument("--layer", help="read counts from this layer instead of X")
     p.add_argument("--labels-key", help="obs column with cell labels (with --data)")
     p.add_argument("--batch-key", help="obs column with batches (with --data; adds the integration head)")
@@ -374,9 +400,9 @@ def cmd_convert(args) -> int:
         raise ConfigError("convert needs the source checkpoint and the output folder: "
                           "atlasformer convert scgpt --model DIR --output OUT (or positionally: DIR OUT).")
     converters = {
-        "scgpt": lambda: convert_scgpt(args.source, args.output, **where),
+        "scgpt": lambda: convert_scgpt(args.source, args.output, overwrite=args.overwrite, **where),
         "geneformer": lambda: convert_geneformer(args.source, args.output, token_dictionary=args.token_dictionary,
-                                                 gene_medians=args.gene_medians, **where),
+                                                 gene_medians=args.gene_medians, overwrite=args.overwrite, **where),
     }
     out = converters[args.source_format]()
     model, tokenizer = load_model_folder(out)
@@ -406,6 +432,7 @@ def add_convert_and_hub(sub) -> None:
     p.add_argument("out", metavar="OUT", nargs="?", help="model folder to write (or --output)")
     p.add_argument("--model", metavar="DIR_OR_HUB_ID", help="the source checkpoint (same as the first positional)")
     p.add_argument("--output", metavar="DIR", help="model folder to write (same as the second positional)")
+    add_overwrite(p)
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--subfolder", help="folder inside the source that holds the model")
     p.add_argument("--token-dictionary", metavar="PKL", help="Geneformer token dictionary (default: found by vocab size)")
@@ -424,17 +451,39 @@ def add_convert_and_hub(sub) -> None:
     p.set_defaults(run=cmd_hub_push)
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def single_value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Option strings of every (sub)command that take exactly one value (``--output DIR``, ``--commit-message M``)."""
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= single_value_options(sub)
+        elif action.option_strings and action.nargs is None:
+            found.update(action.option_strings)
+    return found
+
+
+def split_overrides(argv: list[str], single_value: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """``(flags, overrides)``: every ``key=value`` item that is not an existing path, nor the value of a
+    single-value option, is an override, wherever it stands (after ``--data a.h5ad`` or ``--query q.h5ad``
+    alike), so no list flag swallows one as a file name."""
+    flags, overrides = [], []
+    for i, item in enumerate(argv):
+        is_value = i > 0 and argv[i - 1] in single_value
+        (overrides if OVERRIDE.match(item) and not is_value and not Path(item).exists() else flags).append(item)
+    return flags, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # key=value overrides may stand anywhere after the subcommand; argparse leaves them as extras
-    args, extras = parser.parse_known_args(argv)
-    unknown = [item for item in extras if item.startswith("-") or "=" not in item]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = extras
-    if getattr(args, "data", None):  # `--data a.h5ad lr=1e-4`: nargs="+" swallowed the overrides
-        args.overrides = [d for d in args.data if "=" in d and not Path(d).exists()] + extras
-        args.data = [d for d in args.data if not ("=" in d and not Path(d).exists())]
+    flags, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv), single_value_options(parser))
+    args, extras = parser.parse_known_args(flags)
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    args.overrides = overrides
     from atlasformer.model_zoo import CheckpointError
     from atlasformer.tokenization import InputError
 

@@ -6,7 +6,7 @@ from .fit import fit
 from .imputation import Imputer, denoise
 from .integration import Integrator, integrate
 from .modality import ModalityPredictor, predict_modality
-from .runner import finetune_file, predict_file
+from .runner import finetune_file, predict_file, prepare_outputs
 from .vae_models import SCVIModel, TOTALVIModel
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "fit",
     "integrate",
     "predict_file",
+    "prepare_outputs",
     "predict_modality",
 ]

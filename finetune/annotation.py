@@ -78,6 +78,10 @@ class Annotator(FinetunedTask):
         data = tokenize_for_model(adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key, source=source)
         labels = data.obs[self.labels_key]
         labelled = labels.notna().to_numpy() & (labels.astype(str) != "nan").to_numpy()
+        if not labelled.all():  # said once, so a user sees why fewer cells trained than the file holds
+            print(f"{source}: {int((~labelled).sum()):,} of {len(labelled):,} cells have no label in "
+                  f"obs[{self.labels_key!r}] (NaN or empty); they are left out of training and validation and "
+                  "still get a predicted label.")
         classes = sorted(labels[labelled].astype(str).unique())
         if len(classes) < 2:
             raise InputError(f"{source}: obs[{self.labels_key!r}] has {len(classes)} distinct label(s); annotation needs at least 2.")
@@ -93,7 +97,7 @@ class Annotator(FinetunedTask):
         fit_rows = np.union1d(train, val) if closed_form else train
         head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[fit_rows], layer=self.layer,
                                             gene_key=self.gene_key, source=source)
-        model = build_task_model(CellTransformerForAnnotation, backbone, config,
+        model = build_task_model(CellTransformerForAnnotation, backbone, config, seed=cfg.seed,
                                  id2label={i: c for i, c in enumerate(classes)}, task="annotation", **head)
         x = None if expression is None else expression[cells.cell_index]  # (cells, genes), rows as cells
         if model.expression_path is not None:
@@ -169,7 +173,9 @@ class Annotator(FinetunedTask):
         if not hasattr(self, "_val_pairs"):
             return []
         true, pred = self._val_pairs
-        return [plot_confusion_matrix(true, pred, output / "confusion_matrix.png", "validation cells")]
+        path = Path(output) / "confusion_matrix.png"
+        plot_confusion_matrix(true, pred, path, "validation cells")
+        return [path]
 
 
 def annotate(adata: ad.AnnData, model, *, key_added: str = "atlasformer", unknown_threshold: float | None = None,

@@ -8,9 +8,15 @@ import os
 import platform
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from .plots import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ATLAS_METHODS = ("atlasformer", "atlasformer_scratch", "atlasformer_zeroshot", "atlasformer_no_expression",
                  "atlasformer_expression_only")
@@ -131,17 +137,13 @@ def task_section(task: str, dataset: str, table: pd.DataFrame, meta: dict, plot:
     return lines
 
 
-def plot_task(table: pd.DataFrame, task: str, dataset: str, path: Path) -> Path:
-    """One bar panel per metric: mean over seeds with std error bars, one bar per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_task(table: pd.DataFrame, task: str, dataset: str, path: Path | None = None) -> Figure:
+    """One bar panel per metric: mean over seeds with std error bars, one bar per method; saved to ``path`` if given."""
     sub = table.loc[(task, dataset)]
     methods = list(dict.fromkeys(sub.index.get_level_values("method")))
     metrics = list(dict.fromkeys(sub.index.get_level_values("metric")))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.35 * len(methods) + 1.6), squeeze=False)
+    fig = new_figure(3.2 * len(metrics), 0.35 * len(methods) + 1.6)
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         present = [m for m in methods if (m, metric) in sub.index]
         means = [sub.loc[(m, metric), "mean"] for m in present]
@@ -150,13 +152,11 @@ def plot_task(table: pd.DataFrame, task: str, dataset: str, path: Path) -> Path:
         ax.barh(range(len(present)), means, xerr=stds, color=colors)
         ax.set_yticks(range(len(present)), present if ax is axes[0][0] else [""] * len(present))
         ax.invert_yaxis()
-        ax.set_title(metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""), fontsize=9)
+        ax.set_title(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""), fontsize=9)
     fig.suptitle(f"{task}: {dataset}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path, dpi=90)
 
 
 def machine_line(shared_note: bool = True) -> str:
@@ -182,7 +182,9 @@ def write_report(rows: list[dict], metas: list[dict], path: str | Path, *, plots
             lines += [f"- `{k}`: {v}" for k, v in meta.get("skipped", {}).items()]
     keys = list(dict.fromkeys((t, d) for t, d, *_ in table.index)) if not table.empty else []
     for task, dataset in keys:
-        plot = plot_task(table, task, dataset, Path(plots_dir) / f"{task}_{dataset}.png") if plots_dir else None
+        plot = Path(plots_dir) / f"{task}_{dataset}.png" if plots_dir else None
+        if plot is not None:
+            plot_task(table, task, dataset, plot)
         lines += task_section(task, dataset, table, by_key.get((task, dataset), {}), plot, path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")

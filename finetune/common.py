@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from copy import copy as shallow_copy
 from pathlib import Path
 
 import anndata as ad
@@ -17,7 +19,7 @@ import torch
 
 from atlasformer.model_zoo import CellTransformer, CellTransformerConfig
 from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import export_model_folder, load_model_folder
+from atlasformer.pretrain.export import export_model_folder, load_model_folder, public_name
 from atlasformer.tokenization import (
     CellTokenizer,
     InputError,
@@ -30,6 +32,7 @@ from atlasformer.tokenization import (
     iter_tokenized,
     tokenize_anndata,
 )
+from atlasformer.tokenization.anndata_io import check_obs_key
 
 from .config import FinetuneConfig
 
@@ -61,11 +64,18 @@ def _with_seq_len(tok_cfg, max_seq_len):
     return tok_cfg if max_seq_len is None else dataclasses.replace(tok_cfg, max_seq_len=max_seq_len)
 
 
-def build_task_model(model_cls, backbone: CellTransformer | None, config: CellTransformerConfig, **head_config):
-    """Instantiate ``model_cls`` with ``head_config`` added to the backbone config, copying pretrained weights."""
+def build_task_model(model_cls, backbone: CellTransformer | None, config: CellTransformerConfig, *, seed: int,
+                     **head_config):
+    """Instantiate ``model_cls`` with ``head_config`` added to the backbone config, copying pretrained weights.
+
+    The new weights (head, and the backbone from scratch) are drawn from ``seed``, in a forked RNG so the
+    caller's random state is untouched: the same seed gives the same fine-tuned model.
+    """
     base = {k: v for k, v in config.to_dict().items() if k not in ("architectures", "id2label", "label2id", "task")}
     task_config = CellTransformerConfig(**{**base, **head_config})
-    model = model_cls(task_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(task_config)
     if backbone is not None:
         model.backbone.load_state_dict(backbone.state_dict())
     return model
@@ -87,7 +97,11 @@ def model_batch(cells: TokenizedCells, rows: np.ndarray, tokenizer: CellTokenize
 
 def split_cells(obs: pd.DataFrame, cfg: FinetuneConfig, batch_key: str | None, usable: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation positions: the cells of ``cfg.val_batch``, or a seeded random fraction."""
+    """Training and validation positions: the cells of ``cfg.val_batch``, or a seeded random fraction.
+
+    Every task passes its ``batch_key`` here, so a batch key that names no obs column is refused for all.
+    """
+    check_obs_key(obs, batch_key, source="data", what="batch_key")
     positions = np.arange(len(obs)) if usable is None else np.flatnonzero(usable)
     if cfg.val_batch is not None:
         if batch_key is None or batch_key not in obs:
@@ -227,6 +241,53 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
     return path
 
 
+PROVENANCE_KEY = "atlasformer"
+"""``uns[PROVENANCE_KEY][<slot>][<key>]``: which model, layer and settings produced each key (FORMATS.md), e.g.
+``uns['atlasformer']['obsm']['X_atlasformer']``."""
+
+
+def annotation_snapshot(adata: ad.AnnData) -> dict:
+    """What :func:`changed_keys` compares: obs columns by value, obsm / layers / uns entries by identity."""
+    return {"obs": adata.obs.copy(), **{slot: {k: id(v) for k, v in getattr(adata, slot).items()}
+                                        for slot in ("obsm", "layers", "uns")}}
+
+
+def changed_keys(before: dict, adata: ad.AnnData) -> set[tuple[str, str]]:
+    """Keys written since ``before`` (new or replaced), as ``(slot, key)``."""
+    old_obs = before["obs"]
+    keys = {("obs", c) for c in adata.obs.columns if c not in old_obs or not adata.obs[c].equals(old_obs[c])}
+    for slot in ("obsm", "layers", "uns"):
+        keys |= {(slot, k) for k, v in getattr(adata, slot).items() if before[slot].get(k) != id(v)}
+    return keys
+
+
+def record_provenance(target: ad.AnnData, keys, *, model, layer: str | None, settings: dict, weights=None) -> None:
+    """Write ``uns['atlasformer'][slot][key]`` for each written ``(slot, key)``, as scanpy records
+    ``uns['pca']['params']``.
+
+    Values are strings (h5ad stores no None): the model as given (name, folder or hub id), the SHA-256 of its
+    manifest when it is a local model folder, a digest of the weights used, the layer, the settings as JSON and
+    the atlasformer version.
+    """
+    from importlib.metadata import version
+
+    folder = Path(str(model)) if model is not None else None
+    manifest = folder / "atlasformer.json" if folder is not None and folder.is_dir() else None
+    entry = {
+        "model": "none (from scratch)" if model is None else str(model),
+        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest and manifest.exists() else "",
+        "weights_digest": weights_fingerprint(weights).hex() if weights is not None else "",
+        "layer": layer or "X",
+        "settings": json.dumps(settings, default=str, sort_keys=True),
+        "atlasformer_version": version("atlasformer"),
+    }
+    store = {slot: dict(records) for slot, records in target.uns.get(PROVENANCE_KEY, {}).items()}
+    for slot, key in sorted(keys):
+        if (slot, key) != ("uns", PROVENANCE_KEY):
+            store.setdefault(slot, {})[key] = dict(entry)
+    target.uns[PROVENANCE_KEY] = store
+
+
 class FinetunedTask:
     """What the four fine-tuning tasks share: the guard for an unfitted task, and saving and loading the
     model folder. A task sets ``model_class`` (its ``CellTransformerFor...``) and ``model``/``tokenizer``/
@@ -263,12 +324,25 @@ class FinetunedTask:
             out[rows] = emb
         return out
 
-    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
+    def write_annotated(self, adata: ad.AnnData, target: ad.AnnData, **write_kw) -> None:
+        """``write_outputs`` into ``target``, then record in ``target.uns['atlasformer']`` which model, layer and
+        settings produced each key it wrote."""
+        before = annotation_snapshot(target)
+        self.write_outputs(adata, target, **write_kw)
+        record_provenance(target, changed_keys(before, target), model=getattr(self, "model_source", None),
+                          layer=self.layer, settings=dataclasses.asdict(self.config), weights=self.model)
+
+    def save(self, folder: str | Path, run_config: dict | None = None, *, overwrite: bool = False) -> Path:
         """Export the fine-tuned model folder: model (with its task's names), tokenizer, manifest and a card
-        with the validation metrics."""
+        with the validation metrics. An existing folder with files atlasformer did not write is refused unless
+        ``overwrite``."""
         self._require_model()
         summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
-        return export_model_folder(self.model, self.tokenizer, folder, run_config or {}, summary)
+        run_config = dict(run_config or {})
+        source = getattr(self, "model_source", None)
+        if source is not None and not getattr(self.config, "from_scratch", False):
+            run_config.setdefault("base_model", public_name(source))
+        return export_model_folder(self.model, self.tokenizer, folder, run_config, summary, overwrite=overwrite)
 
     @classmethod
     def load(cls, folder, config: FinetuneConfig | None = None, **keys):
@@ -290,10 +364,19 @@ class FinetunedTask:
     def apply(cls, adata: ad.AnnData, model, *, copy: bool, layer=None, gene_key=None, config_changes=None,
               **write_kw) -> ad.AnnData | None:
         """The body of the scanpy-shaped functions (``annotate``, ``integrate``, ...): load ``model`` unless it
-        is a fitted task, write its outputs into ``adata`` (or a copy, returned)."""
-        task = model if isinstance(model, cls) else cls.load(model, layer=layer, gene_key=gene_key)
+        is a fitted task, write its outputs into ``adata`` (or a copy, returned).
+
+        A fitted task passed in is never changed: ``layer``, ``gene_key`` and the config changes apply to a
+        shallow copy of it, for this call only.
+        """
+        if isinstance(model, cls):
+            task = shallow_copy(model)
+            task.layer = layer if layer is not None else model.layer
+            task.gene_key = gene_key if gene_key is not None else model.gene_key
+        else:
+            task = cls.load(model, layer=layer, gene_key=gene_key)
         if config_changes:
             task.config = dataclasses.replace(task.config, **config_changes)
         target = adata.copy() if copy else adata
-        task.write_outputs(adata, target, **write_kw)
+        task.write_annotated(adata, target, **write_kw)
         return target if copy else None

@@ -98,7 +98,7 @@ class Imputer(FinetunedTask):
         head, expression = expression_setup(thinned, tokenizer, cfg, cells.cell_index[train], gene_key=self.gene_key,
                                             source=source)
         head.pop("readout")  # the count decoder is this task's head
-        model = build_task_model(CellTransformerForImputation, backbone, config, feature_names=genes,
+        model = build_task_model(CellTransformerForImputation, backbone, config, seed=cfg.seed, feature_names=genes,
                                  likelihood=cfg.likelihood, task="imputation", **head)
         extra = {"library_size": library}
         if expression is not None:
@@ -172,13 +172,14 @@ class Imputer(FinetunedTask):
         v = self.validation
         bars = {"atlasformer": {k: v[k] for k in ("poisson_nll", "pearson_log1p")},
                 "no_denoising": {k: v["no_denoising"][k] for k in ("poisson_nll", "pearson_log1p")}}
-        paths = [metric_bars(bars, output / "imputation_mcv.png", "molecular cross-validation (validation cells)")]
+        paths = [output / "imputation_mcv.png", output / "denoised_vs_heldout.png"]
+        metric_bars(bars, paths[0], "molecular cross-validation (validation cells)", lower_is_better=("poisson_nll",))
         props, x_test, genes = self._plot_data["proportions"], self._plot_data["x_test"], self._plot_data["genes"]
         top = np.argsort(-np.asarray(x_test.sum(0)).ravel())[:8]
         expected = props[:, top] * np.asarray(x_test.sum(1))
-        paths.append(predicted_vs_observed(np.log1p(x_test[:, top].toarray()), np.log1p(expected), [genes[i] for i in top],
-                                           output / "denoised_vs_heldout.png", xlabel="log1p held-out count",
-                                           ylabel="log1p predicted"))
+        predicted_vs_observed(np.log1p(x_test[:, top].toarray()), np.log1p(expected), [genes[i] for i in top], paths[1],
+                              xlabel="log1p held-out count", ylabel="log1p predicted",
+                              title=f"the {len(top)} most expressed of {len(genes)} genes (validation cells)")
         return paths
 
 

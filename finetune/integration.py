@@ -138,7 +138,7 @@ class Integrator(FinetunedTask):
         head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[train], layer=self.layer,
                                             gene_key=self.gene_key, source=source)
         head.pop("readout")
-        model = build_task_model(CellTransformerForIntegration, backbone, config, batch_names=names,
+        model = build_task_model(CellTransformerForIntegration, backbone, config, seed=cfg.seed, batch_names=names,
                                  feature_names=list(model_gene_keys(adata, self.tokenizer, self.gene_key)[hvg]),
                                  dab_weight=cfg.dab_weight, adversary=cfg.adversary, harmony=cfg.harmony,
                                  task="integration", value_head="bins" if config.value_encoding == "category" else "mse",
@@ -246,13 +246,16 @@ class Integrator(FinetunedTask):
             return []
         output = Path(output)
         embeddings, obs = self._plot_data["embeddings"], self._plot_data["obs"]
-        paths = [umap_panels(embeddings, obs, self.batch_key, output / "umap_batch.png", seed=self.config.seed)]
+        paths = [output / "umap_batch.png"]
+        umap_panels(embeddings, obs, self.batch_key, paths[-1], seed=self.config.seed)
         if self.labels_key:
-            paths.append(umap_panels(embeddings, obs, self.labels_key, output / "umap_cell_type.png", seed=self.config.seed))
+            paths.append(output / "umap_cell_type.png")
+            umap_panels(embeddings, obs, self.labels_key, paths[-1], seed=self.config.seed)
         if "scib" in self.validation:
             aggregates = {m: {k: v[k] for k in ("bio_conservation", "batch_correction", "total")}
                           for m, v in self.validation["scib"].items()}
-            paths.append(metric_bars(aggregates, output / "scib_scores.png", "scib-metrics (not min-max scaled)"))
+            paths.append(output / "scib_scores.png")
+            metric_bars(aggregates, paths[-1], "scib-metrics (not min-max scaled)")
         return paths
 
 

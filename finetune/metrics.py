@@ -1,11 +1,11 @@
-"""Metrics and plots shared by tasks and benchmarks (scikit-learn and matplotlib underneath)."""
+"""Metrics shared by tasks and benchmarks (scikit-learn underneath); the plots are in plots.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+from .plots import plot_confusion_matrix  # noqa: F401  (drawn in plots.py; imported from here by the tasks)
 
 
 def classification_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
@@ -18,32 +18,6 @@ def classification_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
         "macro_f1": float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)),
         "per_class": {str(lab): {k: float(report[lab][k]) for k in ("precision", "recall", "f1-score", "support")} for lab in labels},
     }
-
-
-def plot_confusion_matrix(true: np.ndarray, pred: np.ndarray, path: str | Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    true, pred = np.asarray(true).astype(str), np.asarray(pred).astype(str)
-    labels = sorted(set(true) | set(pred))
-    cm = confusion_matrix(true, pred, labels=labels).astype(float)
-    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    size = max(4, 0.5 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix (row-normalised)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
 
 
 # ------------------------------------------------------------------ imputation: molecular cross-validation

@@ -189,7 +189,7 @@ class ModalityPredictor(FinetunedTask):
         fit_rows = np.union1d(train, val) if closed_form else train
         head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[fit_rows], layer=self.layer,
                                             gene_key=self.gene_key, source=source)
-        model = build_task_model(CellTransformerForModality, backbone, config, modality=self.modality,
+        model = build_task_model(CellTransformerForModality, backbone, config, seed=cfg.seed, modality=self.modality,
                                  feature_names=names, task="modality", **head)
         x = None if expression is None else expression[cells.cell_index]  # (cells, genes), rows as cells
         if model.expression_path is not None:
@@ -281,9 +281,13 @@ class ModalityPredictor(FinetunedTask):
             return []
         true, pred, names = self._plot_data["true"], self._plot_data["pred"], self._plot_data["names"]
         if self.modality == "protein":
-            return [predicted_vs_observed(true, pred, names, Path(output) / "protein_predicted_vs_observed.png",
-                                          xlabel="observed CLR", ylabel="predicted CLR")]
-        return [roc_curve_plot(true, pred, Path(output) / "atac_roc.png", "ATAC accessibility (validation cells)")]
+            path = Path(output) / "protein_predicted_vs_observed.png"
+            predicted_vs_observed(true, pred, names, path, xlabel="observed CLR", ylabel="predicted CLR",
+                                  feature_kind="proteins")
+            return [path]
+        path = Path(output) / "atac_roc.png"
+        roc_curve_plot(true, pred, path, "ATAC accessibility (validation cells)")
+        return [path]
 
 
     @classmethod

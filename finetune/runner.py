@@ -7,7 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from atlasformer.tokenization import InputError, input_stem, read_h5ad
+from atlasformer.model_zoo.hub import refuse_foreign_model_folder
+from atlasformer.tokenization import input_stem, read_h5ad
+from atlasformer.tokenization.outputs import (
+    prepare_output_folder,
+    refuse_name_clashes,
+    refuse_output_over_inputs,
+)
 
 from .common import gene_report, output_adata, write_h5ad_atomic
 
@@ -15,26 +21,43 @@ from .common import gene_report, output_adata, write_h5ad_atomic
 def annotated_path(data: str | Path, output: str | Path) -> Path:
     """``<output>/<input stem>.h5ad``, refusing a path that is the input itself (inputs are never modified)."""
     path = Path(output) / f"{input_stem(data)}.h5ad"
-    if path.resolve() == Path(data).resolve():
-        raise InputError(f"{data}: the output {path} would overwrite this input; choose another --output folder.")
+    refuse_output_over_inputs([path], [data])
     return path
 
 
+def annotated_name(data: str | Path) -> str:
+    return f"{input_stem(data)}.h5ad"
+
+
+def prepare_outputs(output: str | Path, data: list, *, reads: tuple = (), overwrite: bool = False,
+                    command: str = "") -> Path:
+    """Check ``output`` before any work: not over an input, ours or empty (or ``overwrite``), one file per input."""
+    refuse_name_clashes(data, annotated_name)
+    for path in data:
+        annotated_path(path, output)
+    return prepare_output_folder(output, [*data, *(r for r in reads if r)], overwrite=overwrite, command=command)
+
+
 def finetune_file(task, data: str | Path, output: str | Path, *, with_x: bool = False, run_config: dict | None = None,
-                  extra_inputs: dict | None = None) -> dict:
+                  extra_inputs: dict | None = None, queries: tuple = (), overwrite: bool = False) -> dict:
     """Fine-tune ``task`` on ``data`` and write ``<output>/{model/, <stem>.h5ad, metrics.json, *.png}``.
 
-    The input is read into memory for training and never modified; outputs are written atomically.
+    The input is read into memory for training and never modified; outputs are written atomically. The
+    output folder is checked first (:func:`prepare_outputs`), with the ``queries`` that will be predicted
+    into it later: it may not hold an input and, without ``overwrite``, not hold files atlasformer did not write.
     """
     output = Path(output)
+    paired = getattr(task, "paired", None)
+    prepare_outputs(output, [data, *queries], reads=(paired if isinstance(paired, (str, Path)) else None,),
+                    overwrite=overwrite, command="finetune")
+    refuse_foreign_model_folder(output / "model", overwrite=overwrite)
     target_path = annotated_path(data, output)
-    output.mkdir(parents=True, exist_ok=True)
     adata = read_h5ad(data, backed=False)
     source = str(data)
     metrics = task.fit(adata, source=source, **(extra_inputs or {}))
-    task.save(output / "model", run_config=run_config)
+    task.save(output / "model", run_config={**(run_config or {}), "data": [source]}, overwrite=overwrite)
     target = output_adata(adata, with_x)
-    task.write_outputs(adata, target, source=source)
+    task.write_annotated(adata, target, source=source)
     written = write_h5ad_atomic(target, target_path)
     plots = task.plots(output)
     summary = {"input": source, "output": str(written), "model": str(output / "model"), "validation": metrics,
@@ -44,11 +67,13 @@ def finetune_file(task, data: str | Path, output: str | Path, *, with_x: bool = 
 
 
 def predict_file(task, data: str | Path, output: str | Path, *, with_x: bool = False) -> Path:
-    """Apply a fitted ``task`` to ``data`` (read backed, in chunks) and write ``<output>/<stem>.h5ad``."""
+    """Apply a fitted ``task`` to ``data`` (read backed, in chunks) and write ``<output>/<stem>.h5ad``.
+
+    Callers check the output folder first with :func:`prepare_outputs` (all inputs at once)."""
     target_path = annotated_path(data, output)
     adata = read_h5ad(data, backed=True)
     if getattr(task, "tokenizer", None) is not None:  # which genes the model knows and the file lacks
         gene_report(adata, task.tokenizer, gene_key=getattr(task, "gene_key", None), source=str(data))
     target = output_adata(adata, with_x)
-    task.write_outputs(adata, target, source=str(data))
+    task.write_annotated(adata, target, source=str(data))
     return write_h5ad_atomic(target, target_path)

@@ -164,11 +164,12 @@ class _VAEModel:
         return {"batch_key": self.batch_key, "layer": self.layer, "genes": self.genes, "batches": self.batches,
                 "validation": {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}}
 
-    def save(self, folder: str | Path, run_config: dict | None = None) -> Path:
-        """Write ``config.json`` (architecture + AnnData keys), ``model.safetensors`` and the manifest, atomically."""
+    def save(self, folder: str | Path, run_config: dict | None = None, *, overwrite: bool = False) -> Path:
+        """Write ``config.json`` (architecture + AnnData keys), ``model.safetensors`` and the manifest, atomically
+        (an existing folder with files atlasformer did not write is refused unless ``overwrite``)."""
         self._require_module()
         folder = Path(folder)
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, overwrite=overwrite) as tmp:
             config = {"architecture": type(self.module).__name__, "module": self.module.config.to_dict(),
                       "wrapper": type(self).__name__, **self._keys()}
             (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -139,6 +139,8 @@ class CellTransformerConfig(PretrainedConfig):
         self.cls_token_id = cls_token_id
         self.mask_token_id = mask_token_id
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        if self.id2label and not getattr(self, "label2id", None):  # transformers 5 leaves it unset; HF users read it
+            self.label2id = {str(label): int(i) for i, label in self.id2label.items()}
         self._validate()
 
     def _validate(self) -> None:
@@ -336,6 +338,18 @@ class CellTransformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' ``save_pretrained``, plus the tokenizer the model was loaded with (``self.tokenizer``,
+        set by ``atlasformer.from_pretrained``) and the ``atlasformer.json`` manifest, so that
+        ``atlasformer.from_pretrained(save_directory)`` reads the folder back."""
+        from .hub import write_manifest  # hub imports this module
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        tokenizer = self.__dict__.get("tokenizer")  # a plain attribute, not a submodule
+        if tokenizer is not None:
+            tokenizer.save(save_directory)
+        write_manifest(save_directory, {"saved_with": "save_pretrained"})
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         for module in self.modules():

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from .cell_transformer import ACTIVATIONS, CellTransformerConfig, CellTransformerForPretraining
-from .hub import CheckpointError
+from .hub import CheckpointError, load_weights_only
 
 LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 LAYER_MAP = {
@@ -93,8 +93,9 @@ def load_bert_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             state.update(load_file(str(folder / shard)))
         return state
     if (folder / "pytorch_model.bin").exists():
-        # legacy pickle: weights_only refuses anything but tensors and plain containers
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        # legacy pickle: anything but tensors and plain containers is refused, never run
+        return load_weights_only(folder / "pytorch_model.bin", map_location="cpu",
+                                 fix="re-download the Geneformer checkpoint")
     raise CheckpointError(f"{folder}: no weights ({', '.join(WEIGHT_FILES)}).")
 
 

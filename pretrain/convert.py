@@ -19,11 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import sys
 from pathlib import Path
-
-import torch
 
 from atlasformer.model_zoo import CheckpointError, read_manifest
 from atlasformer.model_zoo.cell_transformer import CellTransformerConfig
@@ -34,7 +31,13 @@ from atlasformer.model_zoo.convert_geneformer import (
     read_bert_config,
 )
 from atlasformer.model_zoo.convert_scgpt import convert_scgpt_weights
-from atlasformer.model_zoo.hub import FORMAT_VERSION, MANIFEST_FILE, resolve_model_location, sha256
+from atlasformer.model_zoo.hub import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    load_weights_only,
+    resolve_model_location,
+    sha256,
+)
 from atlasformer.tokenization import InputError
 from atlasformer.tokenization.convert import (
     GENE_MEDIANS_GLOB,
@@ -45,6 +48,7 @@ from atlasformer.tokenization.convert import (
     safe_load_pickle,
     scgpt_tokenizer,
 )
+from atlasformer.tokenization.outputs import refuse_output_over_inputs
 
 from .export import export_model_folder
 
@@ -137,16 +141,13 @@ def geneformer_inputs(folder: Path, root: Path, token_dictionary=None, gene_medi
 
 
 def _load_pt(path: Path) -> dict:
-    """A legacy ``.pt`` state dict through ``torch.load(weights_only=True)``: tensors and containers only."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: refused or unreadable as a weights-only state dict ({str(err).splitlines()[0]}). "
-                              "atlasformer never unpickles code from checkpoints.") from err
+    """A legacy ``.pt`` state dict, weights only: tensors and containers (refused otherwise, never run)."""
+    return load_weights_only(path, map_location="cpu", fix="re-download the scGPT checkpoint")
 
 
-def _convert_scgpt_folder(folder: Path, root: Path, output: Path, provenance: dict) -> Path:
+def _convert_scgpt_folder(folder: Path, root: Path, output: Path, provenance: dict, overwrite: bool = False) -> Path:
     files = scgpt_inputs(folder)
+    refuse_output_over_inputs([output], [root, *files.values()])
     args = read_json(files["args"])
     tokenizer, tok_report = scgpt_tokenizer(read_json(files["vocab"]), args, source=str(files["vocab"]))
     vocab = tokenizer.vocab
@@ -158,12 +159,13 @@ def _convert_scgpt_folder(folder: Path, root: Path, output: Path, provenance: di
     objectives = {"GEP (masked_value, mse)": 1.0, **({"GEPC (mvc)": 1.0} if model.config.mvc_head else {})}
     run_config = _run_config("scgpt", provenance, _source_files(files, root), weight_report, tok_report,
                              objectives, extra={"scgpt_args": args})
-    return export_model_folder(model, tokenizer, output, run_config)
+    return export_model_folder(model, tokenizer, output, run_config, overwrite=overwrite)
 
 
 def _convert_geneformer_folder(folder: Path, root: Path, output: Path, provenance: dict, token_dictionary=None,
-                               gene_medians=None) -> Path:
+                               gene_medians=None, overwrite: bool = False) -> Path:
     files = geneformer_inputs(folder, root, token_dictionary, gene_medians)
+    refuse_output_over_inputs([output], [root, *files.values()])
     bert = read_bert_config(folder)
     try:
         tokenizer, tok_report = geneformer_tokenizer(
@@ -179,7 +181,7 @@ def _convert_geneformer_folder(folder: Path, root: Path, output: Path, provenanc
         mask_token_id=vocab.mask_id, n_added_tokens=n_added, pooling="mean" if n_added else "cls")
     run_config = _run_config("geneformer", provenance, _source_files(files, root), weight_report, tok_report,
                              {"masked_gene (MLM)": 1.0} if model.config.gene_head else {})
-    return export_model_folder(model, tokenizer, output, run_config)
+    return export_model_folder(model, tokenizer, output, run_config, overwrite=overwrite)
 
 
 def _run_config(fmt: str, provenance: dict, files: dict, weight_report: dict, tok_report: dict, objectives: dict,
@@ -197,7 +199,7 @@ def _run_config(fmt: str, provenance: dict, files: dict, weight_report: dict, to
 
 
 def convert_scgpt(source: str | os.PathLike, output: str | os.PathLike, *, revision: str | None = None,
-                  subfolder: str | None = None) -> Path:
+                  subfolder: str | None = None, overwrite: bool = False) -> Path:
     """Convert an scGPT checkpoint (``best_model.pt``, ``vocab.json``, ``args.json``) into a model folder.
 
     Parameters
@@ -205,17 +207,19 @@ def convert_scgpt(source: str | os.PathLike, output: str | os.PathLike, *, revis
     source
         The scGPT folder, or a hub id holding one.
     output
-        The atlasformer model folder to write (replaced atomically).
+        The atlasformer model folder to write (replaced atomically). It may not hold the source, and an
+        existing folder with files atlasformer did not write is refused unless ``overwrite``.
     revision, subfolder
         Hub revision, and the folder inside the repository or ``source`` that holds the model.
     """
     root, folder = resolve_model_location(source, revision, subfolder)
     provenance = {"source": str(source), "revision": revision, "subfolder": subfolder}
-    return _convert_scgpt_folder(folder, root, Path(output), provenance)
+    return _convert_scgpt_folder(folder, root, Path(output), provenance, overwrite)
 
 
 def convert_geneformer(source: str | os.PathLike, output: str | os.PathLike, *, token_dictionary=None,
-                       gene_medians=None, revision: str | None = None, subfolder: str | None = None) -> Path:
+                       gene_medians=None, revision: str | None = None, subfolder: str | None = None,
+                       overwrite: bool = False) -> Path:
     """Convert a Geneformer checkpoint (a BertForMaskedLM folder + its dictionaries) into a model folder.
 
     The token dictionary and gene-median pickles are found under the repository (or ``source``) by
@@ -223,7 +227,8 @@ def convert_geneformer(source: str | os.PathLike, output: str | os.PathLike, *, 
     """
     root, folder = resolve_model_location(source, revision, subfolder, SIDECAR_PATTERNS if subfolder else ())
     provenance = {"source": str(source), "revision": revision, "subfolder": subfolder}
-    return _convert_geneformer_folder(folder, root, Path(output), provenance, token_dictionary, gene_medians)
+    return _convert_geneformer_folder(folder, root, Path(output), provenance, token_dictionary, gene_medians,
+                                      overwrite)
 
 
 # ---------------------------------------------------------------------------------- on the fly

@@ -32,9 +32,11 @@ from typing import ClassVar
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import weights_only_deepspeed_checkpoint_engine
+from atlasformer.model_zoo.hub import load_safetensors, load_weights_only
+
+from .checkpoint import CHECKPOINT_FIX, weights_only_deepspeed_checkpoint_engine
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -262,8 +264,9 @@ class BaseEngine:
 
     def load_state(self, model, optimizer, folder: Path) -> None:
         """Read what :meth:`save_state` wrote (tensors only: safetensors or ``weights_only``)."""
-        self.unwrap(model).load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.device))
+        self.unwrap(model).load_state_dict(load_safetensors(folder / "model.safetensors", device=str(self.device),
+                                                            fix=CHECKPOINT_FIX))
+        optimizer.load_state_dict(load_weights_only(folder / "optimizer.pt", map_location=self.device, fix=CHECKPOINT_FIX))
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
         """The unsharded weights on the main process (empty elsewhere); collective."""
@@ -345,7 +348,7 @@ class Engine(BaseEngine):
     def load_state(self, model, optimizer, folder: Path) -> None:
         super().load_state(model, optimizer, folder)
         if self.accelerator.scaler is not None and (folder / "grad_scaler.pt").exists():
-            self.accelerator.scaler.load_state_dict(torch.load(folder / "grad_scaler.pt", weights_only=True))
+            self.accelerator.scaler.load_state_dict(load_weights_only(folder / "grad_scaler.pt", fix=CHECKPOINT_FIX))
 
     def close(self) -> None:
         self.accelerator.end_training()

@@ -22,10 +22,12 @@ def model_card(model, tokenizer: CellTokenizer, run_config: dict, summary: dict 
     licence and provenance (``run_config["license"]``, ``run_config["converted_from"]``)."""
     cfg = model.config
     summary = summary or {}
+    base = run_config.get("base_model")
     lines = [
         "---",
         "library_name: atlasformer",
         f"license: {run_config.get('license', 'apache-2.0')}",
+        *([f"base_model: {base}"] if base else []),
         "tags: [single-cell, transcriptomics, atlasformer]",
         "---",
         f"# atlasformer {type(model).__name__}",
@@ -41,20 +43,45 @@ def model_card(model, tokenizer: CellTokenizer, run_config: dict, summary: dict 
         f"- vocabulary: {len(tokenizer.vocab):,} tokens",
         "",
         "## Training",
-        f"- corpus: {', '.join(map(str, run_config.get('data', []))) or 'not recorded'}",
+        f"- {'fine-tuning data' if getattr(cfg, 'task', None) else 'corpus'}: "
+        f"{', '.join(public_name(p) for p in run_config.get('data', [])) or 'not recorded'}",
         f"- objectives: {run_config.get('objectives', {})}",
         f"- steps: {run_config.get('max_steps', 'n/a')}",
     ]
     if getattr(cfg, "task", None):
-        lines += ["", "## Fine-tuned task", f"- task: {cfg.task}"]
+        lines += ["", "## Fine-tuned task", f"- task: {cfg.task}", f"- base model: {base or 'none (from scratch)'}"]
         if getattr(cfg, "id2label", None):
             lines.append(f"- labels: {', '.join(map(str, cfg.id2label.values()))}")
+    lines += usage_lines(getattr(cfg, "task", None))
     if summary:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
     lines += benchmark_table(benchmark)
     lines += ["", "## Licence and provenance", *provenance_lines(run_config), ""]
     return "\n".join(lines)
+
+
+# the scanpy-shaped function of each fine-tuned task (atlasformer.finetune), for the card's usage snippet
+TASK_FUNCTIONS = {"annotation": "annotate", "integration": "integrate", "imputation": "denoise",
+                  "modality": "predict_modality"}
+
+
+def usage_lines(task: str | None) -> list[str]:
+    """A usage snippet for the card: load by folder or hub id; apply the task, or embed cells."""
+    call = (f"from atlasformer.finetune import {TASK_FUNCTIONS[task]}\n{TASK_FUNCTIONS[task]}(adata, MODEL)"
+            if task in TASK_FUNCTIONS else "atlasformer.embed(adata, MODEL)  # obsm['X_atlasformer']")
+    return ["", "## Usage", "", "```python", "import anndata as ad", "import atlasformer", "",
+            'MODEL = "path/to/this/folder"  # or its hub id', "model, tokenizer = atlasformer.from_pretrained(MODEL)",
+            'adata = ad.read_h5ad("cells.h5ad")  # raw counts', *call.split("\n"), "```"]
+
+
+def public_name(path) -> str:
+    """A path as the card may show it: the file or folder name of a local path, never an absolute path."""
+    text = str(path)
+    if not (Path(text).is_absolute() or Path(text).exists()):
+        return text  # a hub id or the shipped model's name
+    path = Path(text)
+    return f"{path.parent.name}/{path.name}" if path.name == "model" else path.name  # <run>/model: name the run
 
 
 def benchmark_table(rows: list[dict] | None) -> list[str]:
@@ -77,7 +104,7 @@ def provenance_lines(run_config: dict) -> list[str]:
     if not source:
         return ["Trained with atlasformer; see atlasformer.json for the run config and checksums."]
     lines = [
-        f"Converted by atlasformer from a {source['format']} checkpoint: `{source['source']}`"
+        f"Converted by atlasformer from a {source['format']} checkpoint: `{public_name(source['source'])}`"
         + (f" (revision `{source['revision']}`)" if source.get("revision") else "")
         + (f", subfolder `{source['subfolder']}`" if source.get("subfolder") else "") + ".",
         f"Licence: {run_config.get('license_note', 'that of the source checkpoint')}.",
@@ -93,13 +120,14 @@ def provenance_lines(run_config: dict) -> list[str]:
 
 
 def export_model_folder(model, tokenizer: CellTokenizer, output: str | Path, run_config: dict, summary: dict | None = None,
-                        benchmark: list[dict] | None = None) -> Path:
+                        benchmark: list[dict] | None = None, *, overwrite: bool = False) -> Path:
     """Write model + tokenizer + manifest + card into ``output`` atomically (temporary folder, then rename).
 
-    ``benchmark`` rows (the ``results.json`` of ``atlasformer benchmark``) become a table in the card.
+    ``benchmark`` rows (the ``results.json`` of ``atlasformer benchmark``) become a table in the card. An
+    existing ``output`` holding files atlasformer did not write is refused unless ``overwrite``.
     """
     output = Path(output)
-    with atomic_folder(output) as tmp:
+    with atomic_folder(output, overwrite=overwrite) as tmp:
         hf_logging.disable_progress_bar()  # one shard: a progress bar per export is noise
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save(tmp)
@@ -113,6 +141,12 @@ def export_model_folder(model, tokenizer: CellTokenizer, output: str | Path, run
 def load_model_folder(folder: str | Path, verify: bool = True):
     """Load ``(model, tokenizer)`` from a local model folder, checking files and checksums."""
     folder = Path(folder)
+    tokenizer_files = [n for n in ("vocab.json", "tokenizer_config.json") if not (folder / n).exists()]
+    if tokenizer_files and all((folder / n).exists() for n in ("config.json", "model.safetensors")):
+        raise CheckpointError(
+            f"{folder}: holds a model but not its tokenizer ({', '.join(tokenizer_files)} missing). Save the tokenizer "
+            "beside it (tokenizer.save_pretrained(folder)), or save a model loaded with atlasformer.from_pretrained, "
+            "which carries its tokenizer.")
     model = load_model(folder, verify=verify)
     try:
         tokenizer = CellTokenizer.load(folder)
@@ -123,4 +157,5 @@ def load_model_folder(folder: str | Path, verify: bool = True):
             f"{folder}: vocab.json has {len(tokenizer.vocab)} tokens but the model was built for "
             f"{model.config.vocab_size}; the vocabulary does not belong to this checkpoint."
         )
+    model.tokenizer = tokenizer  # model.save_pretrained(folder) writes it beside the weights
     return model, tokenizer

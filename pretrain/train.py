@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining, count_parameters
 from atlasformer.model_zoo.cell_transformer import training_flops
+from atlasformer.model_zoo.hub import refuse_foreign_model_folder
 from atlasformer.tokenization import (
     BatchOrder,
     CellTokenizer,
@@ -33,6 +34,12 @@ from atlasformer.tokenization import (
     open_inputs,
     tokenize_anndata,
 )
+from atlasformer.tokenization.outputs import (
+    prepare_output_folder,
+    refuse_foreign_folder,
+    refuse_output_over_inputs,
+)
+from atlasformer.tokenization.streaming import held_out_count
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
@@ -51,9 +58,25 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
 
 
 def split_rows(n_cells: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of cell positions into training and held-out evaluation rows."""
+    """Seeded split of cell positions into training and held-out evaluation rows.
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells.
+    eval_fraction
+        Fraction held out: ``round(eval_fraction * n_cells)`` cells, at least one when it is > 0 and
+        there are two cells or more, and never every cell.
+    seed
+        The run's seed; the same seed gives the same split.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        Sorted training and held-out positions: disjoint, together ``0 .. n_cells - 1``.
+    """
     perm = np.random.default_rng([seed, 7]).permutation(n_cells)
-    n_eval = int(round(n_cells * eval_fraction))
+    n_eval = held_out_count(n_cells, eval_fraction)
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
@@ -258,7 +281,7 @@ class Logger:
 
 
 # ------------------------------------------------------------------------------------ the loop
-def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None = None) -> Path:
+def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None = None, overwrite: bool = False) -> Path:
     """Pretrain a CellTransformer on ``cfg.data``; returns the exported model folder ``<output>/model``.
 
     Parameters
@@ -269,16 +292,20 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
         Continue from the latest complete checkpoint in ``<output>/checkpoints``.
     run_config
         The resolved config as written to YAML, stored in checkpoints and the model folder.
+    overwrite
+        Write into an existing ``cfg.output`` that holds files atlasformer did not write (never over an input).
     """
     configure_threads(cfg.threads)
     engine = make_engine(cfg)
     run_dir = Path(cfg.output)
     run_config = run_config or json.loads(json.dumps(asdict(cfg), default=str))
-    checkpoint = latest_checkpoint(run_dir) if resume else None
     if not resume and latest_checkpoint(run_dir) is not None:
         raise InputError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --output.")
+    refuse_output_over_inputs([run_dir], [*cfg.data, *([cfg.init_from] if cfg.init_from else [])])
+    refuse_foreign_folder(run_dir, overwrite=overwrite or resume)
+    refuse_foreign_model_folder(run_dir / "model", overwrite=overwrite)  # checked now, not after hours of training
     if engine.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_folder(run_dir, overwrite=True, command="pretrain")
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     log = Logger(run_dir, engine.is_main, cfg)
 
@@ -310,6 +337,8 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
         f"{f'{peak:.2f} TFLOP/s' if peak else 'none'} ({peak_source})")
 
     step = 0
+    # the newest checkpoint whose files match their checksums; damaged ones are named and skipped
+    checkpoint = latest_checkpoint(run_dir, verify=True, log=log) if resume else None
     if checkpoint is not None:
         step = load_checkpoint(engine, model, optimizer, scheduler, order, checkpoint)
         log(f"resumed from {checkpoint} at step {step}")
@@ -385,7 +414,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
     model_dir = run_dir / "model"
     plain = engine.export_model(model)  # consolidated from the shards under fsdp / ZeRO
     if engine.is_main:
-        export_model_folder(plain, tokenizer, model_dir, run_config)
+        export_model_folder(plain, tokenizer, model_dir, run_config, overwrite=overwrite)
         log(f"model folder written to {model_dir}")
     engine.barrier()
     log.close()

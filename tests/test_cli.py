@@ -80,7 +80,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, sim_h5ad):
     assert "Traceback" not in proc.stderr
     proc = run("finetune", "annotation", "--data", sim_h5ad, "--output", tmp_path, "--labels-key", "cell_type",
                "--from-scratch", check=False)
-    assert proc.returncode == 2 and "would overwrite this input" in proc.stderr
+    assert proc.returncode == 2 and "would be overwritten" in proc.stderr
     proc = run("pretrain", "--data", tmp_path / "missing.h5ad", "--output", tmp_path / "r", check=False)
     assert proc.returncode == 2 and "no such file" in proc.stderr
     proc = run("pretrain", "--data", sim_h5ad, "--output", tmp_path / "r", "lr=fast", check=False)

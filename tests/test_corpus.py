@@ -109,6 +109,11 @@ def test_manifest_checksums_and_damage_detection(tmp_path):
     values.write_bytes(bytes(data[:-10]))
     with pytest.raises(InputError, match="wrong size"):
         Corpus(tmp_path / "corpus")
+    # rerunning the build rewrites the damaged shard (and the later ones of its input) and completes again
+    build_corpus([tmp_path / "a.h5ad"], tmp_path / "corpus", config=config(), log=quiet)
+    repaired = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert repaired["complete"] and repaired["n_cells"] == 300 and len(repaired["shards"]) == 3
+    Corpus(tmp_path / "corpus", verify=True)
 
 
 def test_build_killed_midway_resumes_to_the_same_corpus(tmp_path, monkeypatch):

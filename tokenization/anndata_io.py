@@ -56,12 +56,24 @@ def read_h5ad(path: str | os.PathLike, backed: bool = True) -> ad.AnnData:
     if not path.exists():
         raise InputError(f"{path}: no such file; check the path.")
     try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:  # h5py/anndata raise many types for a damaged file
         raise InputError(
             f"{path}: cannot be read as h5ad ({type(err).__name__}: {err}). The file is truncated or "
             "corrupt; re-export it (adata.write_h5ad) or remove it from --data."
         ) from err
+    require_cells_and_genes(adata, source=str(path))
+    return adata
+
+
+def require_cells_and_genes(adata: ad.AnnData, *, source: str = "data", need_cells: bool = True) -> None:
+    """Raise :class:`InputError` for an AnnData with no cells (when ``need_cells``) or no genes."""
+    if need_cells and adata.n_obs == 0:
+        raise InputError(f"{source}: holds 0 cells ({adata.n_vars:,} genes); there is nothing to process. Check "
+                         "that the file was written after filtering, or remove it from --data.")
+    if adata.n_vars == 0:
+        raise InputError(f"{source}: holds {adata.n_obs:,} cells but 0 genes (var is empty); the count matrix is "
+                         "missing. Re-export the file with its genes, or remove it from --data.")
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None = None):

@@ -48,6 +48,7 @@ from .corpus_inputs import CorpusInput, expand_corpus_paths, open_corpus_input
 from .data import build_vocab, resolve_genes
 from .gene_ids import require_identifiers
 from .medians import MedianAccumulator
+from .outputs import refuse_output_over_inputs
 from .tokenizer import (
     GENE_MEDIANS_FILE,
     TOKENIZER_CONFIG_FILE,
@@ -154,6 +155,8 @@ def _keep_listed_shards(root: Path, manifest: dict, verify: bool, log) -> None:
         record = manifest["inputs"][source]
         log(f"{record['path']}: shard(s) from row {row} missing or damaged; rewriting them.")
         record.update(status="pending", next_row=row)
+    if redo_from:  # a complete corpus with damaged shards is rebuilt, not reported as done
+        manifest["complete"] = False
     manifest["shards"] = kept
     listed = {s["name"] for s in kept}
     for path in root.iterdir():
@@ -217,6 +220,7 @@ def build_corpus(
     if isinstance(tokenizer, TokenizerConfig):
         config, tokenizer = replace(config, tokenizer=tokenizer), None
     root = Path(output)
+    refuse_output_over_inputs([root], [i for i in inputs if "://" not in str(i)])  # SOMA URIs are not local paths
     excluded: list[dict] = []
     sources = _open_sources(inputs, config, excluded, log)
     try:

@@ -179,6 +179,11 @@ class Corpus:
         The corpus folder (holding ``manifest.json``).
     verify
         Check every file's SHA-256 against the manifest (reads the whole corpus once).
+
+    Without ``verify``, damage is still caught before it can reach training: file sizes are checked
+    here, a shard's arrays when it is first opened (readable headers, the stored dtypes, offsets that
+    start at 0, never decrease and end at the token count), and every cell read (gene ids inside the
+    vocabulary, values inside the tokenizer's range). Each raises :class:`InputError` naming the shard.
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = False):
@@ -190,11 +195,11 @@ class Corpus:
         self.shards: list[dict] = self.manifest["shards"]
         self.shard_starts = np.zeros(len(self.shards) + 1, dtype=np.int64)
         np.cumsum([s["n_cells"] for s in self.shards], out=self.shard_starts[1:])
-        for shard in self.shards:
+        for i, shard in enumerate(self.shards):
             for name, info in shard["files"].items():
                 file = self.path / shard["name"] / name
                 if not file.exists() or file.stat().st_size != info["bytes"]:
-                    raise InputError(f"{file}: missing or of the wrong size; the corpus is damaged. Rebuild it.")
+                    raise self.damaged(i, f"{name} is missing or of the wrong size")
         if verify:
             self.verify()
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -218,17 +223,41 @@ class Corpus:
 
     def verify(self) -> None:
         """Raise :class:`InputError` naming the first file whose SHA-256 differs from the manifest's."""
-        for shard in self.shards:
+        for i, shard in enumerate(self.shards):
             for name, info in shard["files"].items():
                 if sha256_file(self.path / shard["name"] / name) != info["sha256"]:
-                    raise InputError(f"{self.path / shard['name'] / name}: checksum mismatch; the corpus is damaged.")
+                    raise self.damaged(i, f"{name} does not match its SHA-256 (checksum mismatch)")
+
+    def damaged(self, shard: int, problem: str) -> InputError:
+        """The error for a damaged shard: which one, what is wrong, how to rebuild the corpus."""
+        return InputError(f"{self.path / self.shards[shard]['name']}: corpus shard is damaged ({problem}); rebuild it: "
+                          "rerun the same `atlasformer tokenize` command, which rewrites damaged shards.")
 
     def arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(offsets, gene_ids, values)`` of one shard, memory-mapped read-only."""
+        """``(offsets, gene_ids, values)`` of one shard, memory-mapped read-only, checked on first use."""
         if shard not in self._arrays:
-            folder = self.path / self.shards[shard]["name"]
-            self._arrays[shard] = tuple(np.load(folder / name, mmap_mode="r") for name in ARRAY_FILES)
+            self._arrays[shard] = self._open_arrays(shard)
         return self._arrays[shard]
+
+    def _open_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Memory-map one shard's arrays and check their layout (reads only the small offsets array)."""
+        folder = self.path / self.shards[shard]["name"]
+        arrays = []
+        for name in ARRAY_FILES:
+            try:
+                arrays.append(np.load(folder / name, mmap_mode="r"))
+            except (OSError, ValueError, EOFError) as err:  # a damaged .npy header
+                raise self.damaged(shard, f"{name} is unreadable: {err}") from err
+        problem = shard_layout_problem(*arrays, self.shards[shard], self.manifest["dtypes"])
+        if problem:
+            raise self.damaged(shard, problem)
+        return tuple(arrays)
+
+    def _check_tokens(self, shard: int, gene_ids: np.ndarray, values: np.ndarray) -> None:
+        """Refuse cells whose tokens a model could not embed: ids outside the vocabulary, values outside the bins."""
+        problem = token_problem(gene_ids, values, self.manifest)
+        if problem:
+            raise self.damaged(shard, problem)
 
     def lengths(self, shard: int) -> np.ndarray:
         """(cells,) tokens per cell of one shard."""
@@ -239,17 +268,18 @@ class Corpus:
         offsets, gene_ids, values = self.arrays(shard)
         offsets = np.array(offsets[start : stop + 1])
         lo, hi = offsets[0], offsets[-1]
-        return TokenizedCells(offsets - lo, np.array(gene_ids[lo:hi]), np.array(values[lo:hi]),
-                              np.arange(start, stop, dtype=np.int64) + self.shard_starts[shard])
+        gene_ids, values = np.array(gene_ids[lo:hi]), np.array(values[lo:hi])
+        self._check_tokens(shard, gene_ids, values)
+        return TokenizedCells(offsets - lo, gene_ids, values, np.arange(start, stop, dtype=np.int64) + self.shard_starts[shard])
 
     def read_blocks(self, blocks: np.ndarray) -> TokenizedCells:
         """Cells of ``(shard, start, stop)`` blocks, in order, copied once from the memory maps into one buffer."""
-        spans = []  # (gene_ids map, values map, token start, token stop) per block
+        spans = []  # (shard, gene_ids map, values map, token start, token stop) per block
         offsets_parts, cell_index = [], []
         for shard, start, stop in np.asarray(blocks, dtype=np.int64).tolist():
             offsets, gene_ids, values = self.arrays(shard)
             local = np.asarray(offsets[start : stop + 1])
-            spans.append((gene_ids, values, int(local[0]), int(local[-1])))
+            spans.append((shard, gene_ids, values, int(local[0]), int(local[-1])))
             offsets_parts.append(np.diff(local))
             cell_index.append(np.arange(start, stop, dtype=np.int64) + self.shard_starts[shard])
         lengths = np.concatenate(offsets_parts) if spans else np.zeros(0, np.int64)
@@ -258,19 +288,60 @@ class Corpus:
         gene_dtype, value_dtype = (self.manifest["dtypes"][k] for k in ("gene_ids", "values"))
         gene_ids, values = np.empty(offsets[-1], dtype=gene_dtype), np.empty(offsets[-1], dtype=value_dtype)
         position = 0
-        for genes_map, values_map, lo, hi in spans:
+        for shard, genes_map, values_map, lo, hi in spans:
             gene_ids[position : position + hi - lo] = genes_map[lo:hi]
             values[position : position + hi - lo] = values_map[lo:hi]
+            self._check_tokens(shard, gene_ids[position : position + hi - lo], values[position : position + hi - lo])
             position += hi - lo
         return TokenizedCells(offsets, gene_ids, values, np.concatenate(cell_index) if spans else np.zeros(0, np.int64))
 
     def obs(self, shard: int, columns: list[str] | None = None) -> pd.DataFrame:
         """Per-cell metadata of one shard (source, cell_index, obs_name, batch / labels columns)."""
-        return pd.read_parquet(self.path / self.shards[shard]["name"] / OBS_FILE, columns=columns)
+        try:
+            obs = pd.read_parquet(self.path / self.shards[shard]["name"] / OBS_FILE, columns=columns)
+        except (OSError, ValueError) as err:  # pyarrow's errors for damaged files derive from these
+            raise self.damaged(shard, f"{OBS_FILE} is unreadable: {str(err).splitlines()[0] if str(err) else err!r}") from err
+        if len(obs) != self.shards[shard]["n_cells"]:
+            raise self.damaged(shard, f"{OBS_FILE} holds {len(obs)} rows for {self.shards[shard]['n_cells']} cells")
+        return obs
 
     def source_names(self) -> list[str]:
         """Input names by the ``source`` index stored per cell."""
         return [record["name"] for record in self.manifest["inputs"]]
+
+
+def shard_layout_problem(offsets: np.ndarray, gene_ids: np.ndarray, values: np.ndarray, record: dict,
+                         dtypes: dict) -> str | None:
+    """What is wrong with a shard's arrays against its manifest ``record``, or None.
+
+    Cheap: reads only the offsets (one integer per cell), so every process checks each shard it opens.
+    """
+    n_cells, n_tokens = record["n_cells"], record["n_tokens"]
+    for name, array, dtype in (("gene_ids", gene_ids, dtypes["gene_ids"]), ("values", values, dtypes["values"])):
+        if array.dtype != np.dtype(dtype) or array.ndim != 1 or len(array) != n_tokens:
+            return f"{name}.npy holds {array.shape} {array.dtype}, the manifest says ({n_tokens},) {dtype}"
+    if offsets.ndim != 1 or len(offsets) != n_cells + 1:
+        return f"offsets.npy holds {offsets.shape} entries for {n_cells} cells"
+    offsets = np.asarray(offsets)
+    if offsets[0] != 0 or offsets[-1] != n_tokens or (np.diff(offsets) < 0).any():
+        return f"offsets.npy does not run from 0 to {n_tokens} tokens without decreasing"
+    return None
+
+
+def token_problem(gene_ids: np.ndarray, values: np.ndarray, manifest: dict) -> str | None:
+    """Token ids outside the vocabulary, or values outside the tokenizer's range, or None."""
+    vocab_size = manifest["vocab_size"]
+    if len(gene_ids) and (int(gene_ids.max()) >= vocab_size or int(gene_ids.min()) < 0):
+        bad = int(gene_ids.max()) if int(gene_ids.max()) >= vocab_size else int(gene_ids.min())
+        return f"gene id {bad} outside the vocabulary of {vocab_size} tokens"
+    if not len(values):
+        return None
+    if values.dtype.kind == "f":
+        return None if np.isfinite(values).all() else "values that are not finite numbers"
+    n_bins = manifest.get("settings", {}).get("tokenizer", {}).get("n_bins")
+    if n_bins is not None and int(values.max()) >= n_bins:
+        return f"value bin {int(values.max())} outside the {n_bins} bins"
+    return None
 
 
 def export_hf_dataset(corpus: Corpus | str | os.PathLike, output: str | os.PathLike) -> Path:

@@ -19,6 +19,7 @@ from .anndata_io import (
     expand_data_paths,
     iter_count_chunks,
     read_h5ad,
+    require_cells_and_genes,
     to_csr,
 )
 from .gene_ids import GeneResolution, raw_gene_ids, require_identifiers, resolve_gene_ids
@@ -39,6 +40,7 @@ def resolve_genes(
     ``gene_id_mode="resolve"`` maps var names and the usual identifier columns to canonical keys
     (:mod:`.gene_ids`); ``"raw"`` takes ``var_names`` (or the ``gene_key`` column) as they are.
     """
+    require_cells_and_genes(adata, source=source, need_cells=False)  # 0 genes: not "names lost"
     if gene_id_mode == "raw":
         return raw_gene_ids(adata.var, gene_key=gene_key, source=source)
     return resolve_gene_ids(adata.var, gene_key=gene_key, gene_table=gene_table, source=source)

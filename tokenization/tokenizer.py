@@ -538,6 +538,10 @@ class CellTokenizer:
         if self.gene_medians is not None:
             (folder / GENE_MEDIANS_FILE).write_text(json.dumps(self.gene_medians))
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Hugging Face spelling of :meth:`save`: ``model.save_pretrained(d); tokenizer.save_pretrained(d)``."""
+        self.save(folder)
+
     @classmethod
     def load(cls, folder: str | os.PathLike) -> CellTokenizer:
         """Load a tokenizer saved by :meth:`save` (a model folder)."""

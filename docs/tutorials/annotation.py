@@ -18,7 +18,7 @@ from atlasformer.finetune.metrics import classification_metrics
 from atlasformer.tokenization import TokenizerConfig, simulate_counts
 
 output = Path(sys.argv[1] if len(sys.argv) > 1 else "tutorial_output") / "annotation"
-inputs = output / "inputs"  # inputs apart from outputs: <output>/<stem>.h5ad must not overwrite them
+inputs = output.with_name(f"{output.name}_inputs")  # beside the outputs: an output folder may not hold an input
 inputs.mkdir(parents=True, exist_ok=True)
 
 # A reference and a query from different batches, measured on overlapping but different gene panels.

@@ -17,7 +17,7 @@ from atlasformer.finetune import FinetuneConfig, Imputer, denoise, finetune_file
 from atlasformer.tokenization import TokenizerConfig, simulate_counts
 
 output = Path(sys.argv[1] if len(sys.argv) > 1 else "tutorial_output") / "imputation"
-inputs = output / "inputs"  # inputs apart from outputs: <output>/<stem>.h5ad must not overwrite them
+inputs = output.with_name(f"{output.name}_inputs")  # beside the outputs: an output folder may not hold an input
 inputs.mkdir(parents=True, exist_ok=True)
 cells = simulate_counts(n_cells=500, n_genes=300, n_cell_types=4, n_batches=1, mean_library=1500, seed=0)
 cells.write_h5ad(inputs / "cells.h5ad")

@@ -19,7 +19,7 @@ from atlasformer.finetune import FinetuneConfig, Integrator, finetune_file, inte
 from atlasformer.tokenization import TokenizerConfig, simulate_counts
 
 output = Path(sys.argv[1] if len(sys.argv) > 1 else "tutorial_output") / "integration"
-inputs = output / "inputs"  # inputs apart from outputs: <output>/<stem>.h5ad must not overwrite them
+inputs = output.with_name(f"{output.name}_inputs")  # beside the outputs: an output folder may not hold an input
 inputs.mkdir(parents=True, exist_ok=True)
 simulate_counts(n_cells=600, n_genes=300, n_cell_types=4, n_batches=3, batch_sd=0.8, seed=0).write_h5ad(inputs / "cells.h5ad")
 

@@ -1,0 +1,123 @@
+"""Nothing is lost (issue 13, items 1-3): no command deletes or overwrites what it did not write, refuses a
+non-empty output folder that is not its own unless --overwrite, never writes over an input or into a folder
+that must be replaced and holds one, and refuses two inputs that would write the same output file."""
+
+import hashlib
+
+import pytest
+from test_convert_geneformer import GENES, make_geneformer_repo
+
+from atlasformer.cli import main
+from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining, CheckpointError
+from atlasformer.pretrain.convert import convert_geneformer
+from atlasformer.pretrain.export import export_model_folder
+from atlasformer.tokenization import CellTokenizer, GeneVocab, InputError
+from atlasformer.tokenization.outputs import prepare_output_folder
+
+
+def digest(folder):
+    """SHA-256 of every file under ``folder`` (relative path -> hash)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def tiny_model(tmp_path, sim_adata):
+    vocab = GeneVocab(list(sim_adata.var_names))
+    config = CellTransformerConfig(vocab_size=len(vocab), d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                   max_seq_len=65, pad_token_id=vocab.pad_id)
+    return export_model_folder(CellTransformerForPretraining(config), CellTokenizer(vocab), tmp_path / "m", {})
+
+
+def test_convert_refuses_an_output_that_holds_its_source_and_keeps_user_files(tmp_path, capsys):
+    src = tmp_path / "models" / "gf"
+    make_geneformer_repo(src, GENES, subfolder=None)
+    before = digest(tmp_path / "models")
+    for out, message in ((src, "would be overwritten"), (tmp_path / "models", "holds the input")):
+        assert main(["convert", "geneformer", str(src), str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert digest(tmp_path / "models") == before  # nothing deleted, source intact
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert main(["convert", "geneformer", str(src), str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "--overwrite" in err
+    assert (mine / "notes.txt").read_text() == "my notes"
+
+    out = convert_geneformer(src, tmp_path / "out")
+    convert_geneformer(src, out)  # its own folder: replaced
+    (out / "extra.txt").write_text("added by the user")
+    with pytest.raises(CheckpointError, match="extra.txt"):
+        convert_geneformer(src, out)
+    assert (out / "extra.txt").exists()
+    convert_geneformer(src, out, overwrite=True)  # asked for: replaced
+    assert not (out / "extra.txt").exists()
+
+
+def test_pretrain_and_finetune_keep_user_files_in_model_folder(tmp_path, sim_h5ad, tiny_model, capsys):
+    run = prepare_output_folder(tmp_path / "run")  # a run folder of ours, with a model folder a user added to
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "keep.txt").write_text("user file")
+    assert main(["pretrain", "--data", str(sim_h5ad), "--output", str(run), "model=tiny", "max_steps=2"]) == 2
+    assert "keep.txt" in capsys.readouterr().err
+    assert (run / "model" / "keep.txt").read_text() == "user file"
+    assert not (run / "checkpoints").exists()  # refused before any training
+
+    out = tmp_path / "ft"
+    prepare_output_folder(out)  # one of ours, with a model folder a user added a file to
+    (out / "model").mkdir()
+    (out / "model" / "keep.txt").write_text("user file")
+    args = ["finetune", "annotation", "--data", str(sim_h5ad), "--model", str(tiny_model), "--output", str(out),
+            "--labels-key", "cell_type"]
+    assert main(args) == 2
+    assert "keep.txt" in capsys.readouterr().err
+    assert (out / "model" / "keep.txt").read_text() == "user file"
+
+
+def test_a_foreign_output_folder_is_refused_unless_overwrite(tmp_path, sim_h5ad, tiny_model, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "thesis.docx").write_text("do not lose")
+    args = ["embed", "--data", str(sim_h5ad), "--model", str(tiny_model), "--output", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "thesis.docx" in err and "--overwrite" in err and not (out / "sim.h5ad").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "sim.h5ad").exists() and (out / "thesis.docx").read_text() == "do not lose"
+    assert main(args) == 0  # now marked as ours: a rerun needs no flag
+
+
+def test_embed_never_replaces_its_input(tmp_path, sim_h5ad, tiny_model, capsys):
+    before = hashlib.sha256(sim_h5ad.read_bytes()).hexdigest()
+    for flags in ([], ["--overwrite"]):
+        assert main(["embed", "--model", str(tiny_model), "--data", str(sim_h5ad), "--output", str(sim_h5ad.parent),
+                     *flags]) == 2
+        assert "would be overwritten" in capsys.readouterr().err
+    assert hashlib.sha256(sim_h5ad.read_bytes()).hexdigest() == before
+
+
+def test_two_inputs_of_one_name_are_refused_before_any_work(tmp_path, sim_adata, tiny_model, capsys):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        sim_adata.write_h5ad(tmp_path / sub / "cells.h5ad")
+    for command in (["embed"], ["predict", "annotation"]):
+        out = tmp_path / f"out_{command[0]}"
+        assert main([*command, "--model", str(tiny_model), "--data", str(tmp_path / "a" / "cells.h5ad"),
+                     str(tmp_path / "b" / "cells.h5ad"), "--output", str(out)]) == 2
+        assert "would both be written to cells.h5ad" in capsys.readouterr().err
+        assert not (out / "cells.h5ad").exists()
+
+
+def test_output_rules_as_a_function(tmp_path):
+    data = tmp_path / "d" / "x.h5ad"
+    data.parent.mkdir()
+    data.write_text("")
+    with pytest.raises(InputError, match="holds the input"):
+        prepare_output_folder(tmp_path, [data], overwrite=True)
+    with pytest.raises(InputError, match="would be overwritten"):
+        prepare_output_folder(data, [data])
+    with pytest.raises(InputError, match="must be a folder"):
+        prepare_output_folder(data, [])
+    assert prepare_output_folder(tmp_path / "new", [data]).is_dir()
