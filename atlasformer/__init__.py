@@ -3,12 +3,14 @@
 The root package holds only the CLI, the YAML loader and this public API; the stages live in
 ``atlasformer.tokenization``, ``atlasformer.model_zoo``, ``atlasformer.pretrain`` and
 ``atlasformer.finetune``. Names are resolved lazily, so importing a stage (e.g. model_zoo, which never
-imports anndata) does not import the others.
+imports anndata) does not import the others. ``atlasformer.settings.verbosity`` sets how much they tell you.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
+
+from . import settings  # noqa: F401  (the console handler of the "atlasformer" logger, for every stage)
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import numbers
 import os
 import re
@@ -16,15 +17,20 @@ import sys
 import time
 from pathlib import Path
 
+from atlasformer import settings
 from atlasformer.config import ConfigError, configs_root, load_config, to_plain
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------- flags
 SHIPPED_MODEL = "atlasformer-public-small"  # model_zoo.hub.SHIPPED_MODELS (named here so --help needs no torch)
-OVERRIDES_HELP = "Configuration overrides follow the flags as key=value, e.g. lr=1e-4 model.d_model=64 model=small."
+def overrides_help(example: str) -> str:
+    """The --help epilog naming the command's own overrides (tests/test_docs_commands.py parses the example)."""
+    return f"Configuration overrides follow the flags as KEY=VALUE, e.g. {example}."
 
 
 def add_io(parser: argparse.ArgumentParser, *, model: bool = True, labels: bool = False, batch: bool = True,
-           data_required: bool = True) -> None:
+           data_required: bool = True, overrides: str | None = None) -> None:
     parser.add_argument("--data", nargs="+", required=data_required, metavar="FILE",
                         help="h5ad files, folders of them, or a SOMA experiment")
     if model:
@@ -40,7 +46,7 @@ def add_io(parser: argparse.ArgumentParser, *, model: bool = True, labels: bool 
     if batch:
         parser.add_argument("--batch-key", help="obs column with batches")
     parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
-    parser.epilog = OVERRIDES_HELP
+    parser.epilog = overrides_help(overrides) if overrides else "This command takes no KEY=VALUE overrides."
 
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:
@@ -169,13 +175,49 @@ def cmd_finetune(args) -> int:
     summary = finetune_file(task, single_input(args), args.output, with_x=args.with_x,
                             run_config={"task": args.task, **to_plain(cfg)}, queries=tuple(queries),
                             overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in summary["validation"].items() if not isinstance(v, dict)}, indent=2))
+    print(json.dumps(printed_metrics(summary["validation"]), indent=2))
     for query in queries:  # label transfer / prediction on further files with the new model
         from atlasformer.finetune import predict_file
 
         print(f"wrote {predict_file(task, query, args.output, with_x=args.with_x)}")
     print(f"outputs written to {args.output}")
     return finished_worker_exit()
+
+
+SCIB_HEADLINE = ("bio_conservation", "batch_correction", "total")
+
+
+def printed_metrics(validation: dict) -> dict:
+    """The validation numbers a command prints, flat and named: the task's own, its baselines'
+    (``no_denoising.poisson_nll``, ``mean_baseline.rmse``) and the headline scIB scores of the unintegrated
+    embedding (``scib.unintegrated_pca.total``; atlasformer's are ``scib_*``). The per-class table and the
+    single scIB metrics stay in metrics.json.
+
+    Parameters
+    ----------
+    validation
+        A task's validation metrics, as ``metrics.json`` holds them.
+
+    Returns
+    -------
+    dict
+        ``name -> value``, nested names joined with dots.
+    """
+    flat = {}
+    for key, value in validation.items():
+        if key == "per_class":
+            continue
+        if key == "scib":
+            value = {method: {k: v for k, v in scores.items() if k in SCIB_HEADLINE}
+                     for method, scores in value.items() if method != "atlasformer"}
+        flat.update(_flatten(key, value))
+    return flat
+
+
+def _flatten(name: str, value) -> dict:
+    if not isinstance(value, dict):
+        return {name: value}
+    return {k: v for key, item in value.items() for k, v in _flatten(f"{name}.{key}", item).items()}
 
 
 def load_task(task: str, args, cfg):
@@ -255,11 +297,12 @@ def cmd_quickstart(args) -> int:
         adata = simulate_counts(n_cells=args.n_cells, seed=0)
         adata.write_h5ad(data)
         simulate_proteins(adata, seed=0).write_h5ad(paired)
-        print(f"simulated {args.n_cells:,} cells x 600 genes (5 cell types, 2 batches) and 20 proteins -> {data}, {paired}")
+        logger.info(f"simulated {args.n_cells:,} cells x 600 genes (5 cell types, 2 batches) and 20 proteins -> "
+                    f"{data}, {paired}")
     root = configs_root()
     if args.data:  # a user's file: start from the shipped model (or --model), as the benchmark does
         model_dir = args.model or SHIPPED_MODEL
-        print(f"fine-tuning {model_dir} on {data}")
+        logger.info(f"fine-tuning {model_dir} on {data}")
     elif (output / "pretrain" / "model").exists():
         model_dir = output / "pretrain" / "model"
     else:  # simulated genes are in no pretrained vocabulary: pretrain a tiny model on them
@@ -274,7 +317,7 @@ def cmd_quickstart(args) -> int:
                for name, task in heads.items()}
     print(f"\nquickstart finished in {time.perf_counter() - start:.0f} s")
     for name, summary in results.items():
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in summary["validation"].items()
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in printed_metrics(summary["validation"]).items()
                            if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral))
         print(f"{name} on held-out cells: {scores} ({summary['validation'].get('n_val', '?')} cells)")
     print(f"pretrained model: {model_dir}\nfine-tuned models and outputs: "
@@ -323,10 +366,11 @@ def cmd_benchmark(args) -> int:
 # ----------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasformer", description=__doc__.split("\n")[0])
+    add_verbosity(parser, default=settings.DEFAULT_VERBOSITY)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a model on h5ad files", description="Pretrain a CellTransformer.")
-    add_io(p)
+    add_io(p, overrides="lr=1e-4 max_steps=20000 model=small")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --output")
     p.set_defaults(run=cmd_pretrain)
 
@@ -339,19 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a task head on a labelled file", description="Fine-tune a task.")
     p.add_argument("task", choices=TASKS, help="the task")
-    add_io(p, labels=True)
+    add_io(p, labels=True, overrides="epochs=10 lr=1e-3 mode=full")
     p.add_argument("--from-scratch", action="store_true", help="random initialisation with a vocabulary from the data")
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
     p.add_argument("--query", nargs="+", metavar="FILE", help="annotation: also predict these files (label transfer)")
     p.add_argument("--unknown-threshold", type=float, help="annotation: label cells below this confidence 'unknown'")
     p.add_argument("--modality", choices=["protein", "atac"], default="protein", help="modality: what to predict")
-    p.add_argument("--paired", metavar="FILE", help="modality: the paired protein / ATAC file (same obs_names; h5ad or h5mu)")
+    p.add_argument("--paired", metavar="FILE", help="modality: the paired protein / ATAC h5ad (same obs_names; a .h5mu: split it with "
+                   "atlasformer.finetune.modality.read_mudata_pair)")
     p.add_argument("--paired-obsm", metavar="KEY", help="modality: obsm key of --data holding the paired values")
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("predict", help="apply a fine-tuned model to new files", description="Predict with a fine-tuned model.")
     p.add_argument("task", choices=TASKS, help="the task")
-    add_io(p)
+    add_io(p, overrides="chunk_size=1024")
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
     p.add_argument("--unknown-threshold", type=float, help="annotation: label cells below this confidence 'unknown'")
     p.set_defaults(run=cmd_predict)
@@ -359,12 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="zero-shot cell embeddings into obsm['X_atlasformer']", description="Embed cells.")
     add_io(p, batch=False)
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
-    p.set_defaults(run=cmd_embed)
+    p.set_defaults(run=cmd_embed, takes_overrides=False)
 
     p = sub.add_parser("benchmark", help="compare atlasformer with scVI and simple baselines on one task",
                        description="Run the benchmark protocol of docs/benchmarks.md on one file.")
     p.add_argument("--task", required=True, choices=["annotation", "integration", "imputation", "modality"])
-    add_io(p, labels=True)  # --model defaults to the shipped model (cmd_benchmark)
+    add_io(p, labels=True, overrides="scvi_epochs=50 finetune.mode=full")  # --model defaults to the shipped model
     p.add_argument("--paired", metavar="FILE", help="modality: protein or ATAC counts of the same cells")
     p.add_argument("--modality", choices=["protein", "atac"], help="what --paired holds")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to run (default: all that apply)")
@@ -383,10 +428,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH_OR_HUB_ID",
                    help=f"with --data: the model to fine-tune (default: {SHIPPED_MODEL}, shipped with the package)")
     p.add_argument("--n-cells", type=int, default=2000, help="cells to simulate (without --data)")
-    p.epilog = OVERRIDES_HELP
+    p.epilog = overrides_help("max_steps=200 model.d_model=32") + " They apply to the tiny pretraining run."
     p.set_defaults(run=cmd_quickstart)
     add_convert_and_hub(sub)
+    for command in subcommand_parsers(parser):  # -q / -v after the subcommand too; unset, they keep the top level's
+        add_verbosity(command, default=argparse.SUPPRESS)
     return parser
+
+
+def add_verbosity(parser: argparse.ArgumentParser, *, default) -> None:
+    """``-q`` / ``-v``: ``args.verbosity`` 0 (warnings and results only) or 2 (debug), else ``default``."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=0, default=default,
+                       help="print warnings and results only: no progress messages or bars")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=2, default=default,
+                       help="also print debug messages")
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones (``hub push``) included."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += [sub, *subcommand_parsers(sub)]
+    return found
 
 
 # ----------------------------------------------------------------------------------- convert / hub
@@ -437,7 +503,7 @@ def add_convert_and_hub(sub) -> None:
     p.add_argument("--subfolder", help="folder inside the source that holds the model")
     p.add_argument("--token-dictionary", metavar="PKL", help="Geneformer token dictionary (default: found by vocab size)")
     p.add_argument("--gene-medians", metavar="PKL", help="Geneformer gene-median dictionary (default: found beside it)")
-    p.set_defaults(run=cmd_convert)
+    p.set_defaults(run=cmd_convert, takes_overrides=False)
 
     hub = sub.add_parser("hub", help="share model folders on the Hugging Face hub", description="Hub commands.")
     hub_sub = hub.add_subparsers(dest="hub_command", required=True)
@@ -448,7 +514,7 @@ def add_convert_and_hub(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate and list the files, upload nothing")
     p.add_argument("--commit-message", help="commit message on the hub")
     p.add_argument("--revision", help="branch to push to (default: main)")
-    p.set_defaults(run=cmd_hub_push)
+    p.set_defaults(run=cmd_hub_push, takes_overrides=False)
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
@@ -484,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     args.overrides = overrides
+    settings.verbosity = args.verbosity
+    if overrides and not getattr(args, "takes_overrides", True):
+        parser.error(f"{args.command} takes no KEY=VALUE overrides; got {' '.join(overrides)}")
     from atlasformer.model_zoo import CheckpointError
     from atlasformer.tokenization import InputError
 

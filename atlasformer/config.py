@@ -73,6 +73,14 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     if hint is Any:
@@ -106,6 +114,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str) and _is_number(value):  # YAML 1.1 reads 1e-4 (no dot) as text
         return float(value)
     if hint is int and isinstance(value, bool) is False and isinstance(value, int):
         return value

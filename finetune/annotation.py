@@ -9,6 +9,7 @@ through the model's vocabulary: genes the query lacks are simply absent from its
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -34,6 +35,8 @@ from .config import FinetuneConfig
 from .expression import expression_setup, fit_expression_path, fit_logistic_readout, readout_inputs
 from .fit import fit
 from .metrics import classification_metrics, plot_confusion_matrix
+
+logger = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 
@@ -79,9 +82,9 @@ class Annotator(FinetunedTask):
         labels = data.obs[self.labels_key]
         labelled = labels.notna().to_numpy() & (labels.astype(str) != "nan").to_numpy()
         if not labelled.all():  # said once, so a user sees why fewer cells trained than the file holds
-            print(f"{source}: {int((~labelled).sum()):,} of {len(labelled):,} cells have no label in "
-                  f"obs[{self.labels_key!r}] (NaN or empty); they are left out of training and validation and "
-                  "still get a predicted label.")
+            logger.warning(f"{source}: {int((~labelled).sum()):,} of {len(labelled):,} cells have no label in "
+                           f"obs[{self.labels_key!r}] (NaN or empty); they are left out of training and validation "
+                           "and still get a predicted label.")
         classes = sorted(labels[labelled].astype(str).unique())
         if len(classes) < 2:
             raise InputError(f"{source}: obs[{self.labels_key!r}] has {len(classes)} distinct label(s); annotation needs at least 2.")
@@ -140,7 +143,8 @@ class Annotator(FinetunedTask):
                     batch["class_weights"] = weights
                 return batch
 
-            self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="annotation")
+            self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="annotation",
+                                              metric="macro_f1")
             self._val_pairs = validation_pairs(self.model)
         return self.validation
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -33,8 +34,11 @@ from atlasformer.tokenization import (
     tokenize_anndata,
 )
 from atlasformer.tokenization.anndata_io import check_obs_key
+from atlasformer.tokenization.console import log_once, progress_bar
 
 from .config import FinetuneConfig
+
+logger = logging.getLogger(__name__)
 
 
 def load_backbone(model: str | os.PathLike | None, cfg: FinetuneConfig, adatas: list[ad.AnnData], *,
@@ -82,9 +86,11 @@ def build_task_model(model_cls, backbone: CellTransformer | None, config: CellTr
 
 
 def tokenize_for_model(adata: ad.AnnData, tokenizer: CellTokenizer, *, layer=None, gene_key=None, source="data"):
-    """Tokenize all of ``adata``; returns TokenizedData (cells with no vocabulary gene are dropped and counted)."""
+    """Tokenize all of ``adata``; returns TokenizedData (cells with no vocabulary gene are dropped and counted).
+
+    The report is logged once per process: every head fine-tuned on the file tokenizes it alike."""
     data = tokenize_anndata(adata, tokenizer, layer=layer, gene_key=gene_key, source=source)
-    print(data.report.summary())
+    log_once(logger, data.report.summary())
     return data
 
 
@@ -173,12 +179,16 @@ def iter_model_outputs(model, adata: ad.AnnData, tokenizer: CellTokenizer, *, la
     """Stream ``adata`` chunk by chunk: yield ``(cell rows, outputs)`` so memory does not grow with the file.
 
     ``extra`` maps a model input name to a per-cell array over all of ``adata``'s rows (e.g. conditions).
+    A progress bar named after ``source`` counts the cells (embed and predict spend their time here).
     """
     ids = column_token_ids(adata, tokenizer, layer=layer, gene_key=gene_key, source=source)
-    for _, cells in iter_tokenized(adata, tokenizer, ids, layer=layer, chunk_size=chunk_size, source=source):
-        if len(cells):
-            per_cell = {k: np.asarray(v)[cells.cell_index] for k, v in (extra or {}).items()}
-            yield cells.cell_index, run_model(model, cells, tokenizer, batch_size=batch_size, outputs=outputs, **per_cell)
+    with progress_bar(adata.n_obs, desc=Path(str(source)).name, unit="cells") as bar:
+        for start, cells in iter_tokenized(adata, tokenizer, ids, layer=layer, chunk_size=chunk_size, source=source):
+            if len(cells):
+                per_cell = {k: np.asarray(v)[cells.cell_index] for k, v in (extra or {}).items()}
+                yield cells.cell_index, run_model(model, cells, tokenizer, batch_size=batch_size, outputs=outputs,
+                                                  **per_cell)
+            bar.update(min(chunk_size, adata.n_obs - start))
 
 
 def read_counts(adata: ad.AnnData, layer: str | None = None, source: str = "data"):
@@ -197,7 +207,7 @@ def model_gene_keys(adata: ad.AnnData, tokenizer: CellTokenizer, gene_key: str |
 
 def gene_report(adata: ad.AnnData, tokenizer: CellTokenizer, *, gene_key=None, source="data",
                 features: list[str] | None = None) -> dict:
-    """Print and return how ``adata``'s genes meet a fitted model: genes the model does not know (dropped), the
+    """Log and return how ``adata``'s genes meet a fitted model: genes the model does not know (dropped), the
     model's genes absent from the file (treated as not expressed) and, for ``features`` a task predicts per
     gene, the ones the file lacks."""
     keys = model_gene_keys(adata, tokenizer, gene_key, source)
@@ -213,7 +223,7 @@ def gene_report(adata: ad.AnnData, tokenizer: CellTokenizer, *, gene_key=None, s
         missing = sorted(set(features) - set(keys))
         report.update(n_features=len(features), n_features_missing=len(missing), features_missing_example=missing[:10])
         line += f"; {len(missing)} of the {len(features)} genes the model predicts are not in this file"
-    print(line + ".")
+    logger.info(line + ".")
     return report
 
 

@@ -10,6 +10,8 @@ regression with C=1 for classes, RidgeCV for protein, per-peak logistic regressi
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
 import torch
@@ -21,6 +23,8 @@ from atlasformer.tokenization import CellTokenizer, InputError
 
 from .baselines import RIDGE_ALPHAS, log_normalize, select_hvgs
 from .common import frozen_embeddings, model_gene_keys, read_counts
+
+logger = logging.getLogger(__name__)
 
 
 def path_gene_columns(adata: ad.AnnData, tokenizer: CellTokenizer, gene_key=None, source: str = "data") -> dict[str, int]:
@@ -52,8 +56,8 @@ def expression_inputs(adata: ad.AnnData, genes: list[str], tokenizer: CellTokeni
     columns = path_gene_columns(adata, tokenizer, gene_key, source)
     present = [i for i, g in enumerate(genes) if g in columns]
     if len(present) < 0.5 * len(genes):
-        print(f"{source}: only {len(present)} of the model's {len(genes)} expression-path genes are in this file; "
-              "the missing ones read as not expressed.")
+        logger.warning(f"{source}: only {len(present)} of the model's {len(genes)} expression-path genes are in "
+                       "this file; the missing ones read as not expressed.")
     out = np.zeros((adata.n_obs, len(genes)), dtype=np.float32)
     if present:
         log_counts = log_normalize(read_counts(adata, layer, source))

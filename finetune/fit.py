@@ -2,29 +2,30 @@
 
 A task hands over its model and two callables: ``make_batch(rows) -> model kwargs`` (targets
 included) over the training cells, and ``validate(model) -> (score, metrics)`` where a higher score is
-better. The loop trains under the pretraining engine (so accelerate launches give multi-GPU
-fine-tuning), validates at intervals, stops early after ``patience`` evaluations without improvement
-and restores the best weights.
+better (a loss is returned negated; ``metric`` and ``lower_is_better`` name it for the console). The loop
+trains under the pretraining engine (so accelerate launches give multi-GPU fine-tuning), validates at
+intervals, stops early after ``patience`` evaluations without improvement and restores the best weights.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
-import sys
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from atlasformer.pretrain.engine import Engine
 from atlasformer.tokenization import BatchOrder
+from atlasformer.tokenization.console import progress_bar
 
 from .config import FinetuneConfig
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 HEAD_PREFIXES = ("classifier", "head", "decoder", "discriminator", "batch_discriminator")
+logger = logging.getLogger(__name__)
 
 
 def apply_mode(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
@@ -68,6 +69,12 @@ def trainable_parameter_groups(model: torch.nn.Module, cfg: FinetuneConfig) -> l
     return groups
 
 
+def score_text(score: float, metric: str, lower_is_better: bool) -> str:
+    """A validation score as the metric it comes from: ``poisson_nll 1.2759 (lower is better)``."""
+    value, better = (-score, "lower") if lower_is_better else (score, "higher")
+    return f"{metric} {value:.4f} ({better} is better)"
+
+
 def fit(
     model: torch.nn.Module,
     n_train: int,
@@ -76,9 +83,30 @@ def fit(
     cfg: FinetuneConfig,
     *,
     description: str = "finetune",
-    log: Callable[[str], None] = tqdm.write,
+    metric: str = "score",
+    lower_is_better: bool = False,
+    log: Callable[[str], None] = logger.info,
 ) -> tuple[torch.nn.Module, dict]:
-    """Train ``model`` on ``n_train`` cells; returns the best model (by validation score) and its metrics."""
+    """Train ``model`` on ``n_train`` cells; returns the best model (by validation score) and its metrics.
+
+    Parameters
+    ----------
+    model, n_train, make_batch, validate, cfg
+        The task's model, its number of training cells, ``rows -> model kwargs`` and
+        ``model -> (score, metrics)`` (higher score is better), and the fine-tuning settings.
+    description
+        The progress bar's label.
+    metric, lower_is_better
+        The name of the metric ``validate``'s score comes from, and whether the score is that metric negated
+        (a loss); the console names it: ``validation poisson_nll 1.2759 (lower is better)``.
+    log
+        Receives the validation and early-stopping lines (default: the ``atlasformer`` logger).
+
+    Returns
+    -------
+    tuple
+        The best model (weights restored, eval mode) and the metrics ``validate`` returned for it.
+    """
     cfg = cfg.with_recipe({})  # fields a task's recipe left unset take the general defaults
     engine = Engine(precision=cfg.precision, cpu=cfg.cpu, seed=cfg.seed)
     model = apply_mode(model, cfg)
@@ -95,34 +123,36 @@ def fit(
     eval_every = cfg.eval_every or steps_per_epoch
 
     best_score, best_state, best_metrics, stale = -math.inf, None, {}, 0
-    bar = tqdm(total=total, desc=description, disable=not (engine.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    if not engine.is_main:  # every rank validates; one says so
+        log = lambda message: None  # noqa: E731
     model.train()
-    for step in range(1, total + 1):
-        batch = {k: v.to(engine.device) for k, v in make_batch(order.next()).items()}
-        with engine.autocast():
-            out = model(**batch)
-        engine.backward(out.loss)
-        engine.clip_grad_norm(model, cfg.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        bar.set_postfix(loss=f"{out.loss.item():.4f}")
-        if step % eval_every == 0 or step == total:
-            model.eval()
-            with torch.no_grad():
-                score, metrics = validate(engine.unwrap(model))
-            model.train()
-            log(f"step {step}: validation score {score:.4f}")
-            if score > best_score:
-                best_score, best_metrics, stale = score, metrics, 0
-                best_state = copy.deepcopy(engine.unwrap(model).state_dict())
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    log(f"early stopping at step {step} (best validation score {best_score:.4f})")
-                    break
-    bar.close()
+    with progress_bar(total, desc=description, unit="step", main_process=engine.is_main) as bar:
+        for step in range(1, total + 1):
+            batch = {k: v.to(engine.device) for k, v in make_batch(order.next()).items()}
+            with engine.autocast():
+                out = model(**batch)
+            engine.backward(out.loss)
+            engine.clip_grad_norm(model, cfg.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)  # redrawn by update, at its own pace
+            bar.update(1)
+            if step % eval_every == 0 or step == total:
+                model.eval()
+                with torch.no_grad():
+                    score, metrics = validate(engine.unwrap(model))
+                model.train()
+                log(f"step {step}: validation {score_text(score, metric, lower_is_better)}")
+                if score > best_score:
+                    best_score, best_metrics, stale = score, metrics, 0
+                    best_state = copy.deepcopy(engine.unwrap(model).state_dict())
+                else:
+                    stale += 1
+                    if stale >= cfg.patience:
+                        best_text = score_text(best_score, metric, lower_is_better)
+                        log(f"early stopping at step {step} (best validation {best_text})")
+                        break
     best = engine.unwrap(model)
     if best_state is not None:
         best.load_state_dict(best_state)

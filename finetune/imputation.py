@@ -14,6 +14,7 @@ without any vocabulary gene).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -42,6 +43,8 @@ from .expression import expression_setup, fit_expression_path, path_features, st
 from .fit import fit
 from .metrics import binomial_thinning, imputation_metrics, row_normalised
 from .plots import metric_bars, predicted_vs_observed
+
+logger = logging.getLogger(__name__)
 
 KEY_ADDED = "atlasformer_denoised"
 THINNING = 0.9  # fraction of molecules the model sees (BENCHMARKS.md)
@@ -127,7 +130,8 @@ class Imputer(FinetunedTask):
             metrics.update(no_denoising=baseline, n_train=int(len(train)), n_val=int(len(val)))
             return -metrics["poisson_nll"], metrics
 
-        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="imputation")
+        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="imputation",
+                                          metric="poisson_nll", lower_is_better=True)
         self._plot_data = {"proportions": proportions(self.model, val), "x_test": held_out[val], "genes": genes}
         return self.validation
 
@@ -144,8 +148,8 @@ class Imputer(FinetunedTask):
             raise InputError(f"{source}: none of its genes is one the model predicts (e.g. {list(keys[:3])}); "
                              "use the gene identifiers of the training data (or --gene-key).")
         if not known.all():
-            print(f"note: {source}: {int((~known).sum())} of its {len(keys)} genes were not in training "
-                  f"(e.g. {list(keys[~known][:5])}); their denoised values are NaN.")
+            logger.warning(f"{source}: {int((~known).sum())} of its {len(keys)} genes were not in training "
+                           f"(e.g. {list(keys[~known][:5])}); their denoised values are NaN.")
         out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
         for rows, props in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                               source=source, chunk_size=self.config.chunk_size,

@@ -183,7 +183,9 @@ class Integrator(FinetunedTask):
             # higher is better: the reconstruction losses on held-out cells (the adversary is no quality score)
             return -(metrics["val_masked_value"] + metrics["val_expression"]), metrics
 
-        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="integration")
+        self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="integration",
+                                          metric="reconstruction loss (val_masked_value + val_expression)",
+                                          lower_is_better=True)
         self.validation = {**self.validation, **self.score(adata, source=source)}
         return self.validation
 

@@ -12,6 +12,7 @@ probability), with feature names in ``uns['protein_predicted_names']`` / ``uns['
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,8 @@ from .expression import (
 from .fit import fit
 from .metrics import atac_metrics, clr, protein_metrics
 from .plots import predicted_vs_observed, roc_curve_plot
+
+logger = logging.getLogger(__name__)
 
 ATAC_PENALTIES = (0.001, 0.01, 0.1, 1.0)
 """Inverse L2 penalties (scikit-learn's C) tried for the per-peak logistic readout."""
@@ -226,8 +229,10 @@ class ModalityPredictor(FinetunedTask):
                 batch.update({k: torch.from_numpy(v[sel]) for k, v in extra.items()})
                 return batch
 
+            protein = self.modality == "protein"  # the score validate returns: -rmse, or the per-peak AUROC
             self.model, self.validation = fit(model, len(train), make_batch, validate, cfg,
-                                              description=f"modality ({self.modality})")
+                                              description=f"modality ({self.modality})",
+                                              metric="rmse" if protein else "auroc_per_feature", lower_is_better=protein)
             self._plot_data = {"true": y[val], "pred": predictions(self.model, val), "names": names}
         return self.validation
 
@@ -249,7 +254,7 @@ class ModalityPredictor(FinetunedTask):
             if best is None or score > best[0]:
                 best = (score, c, {k: v.clone() for k, v in model.head.out.state_dict().items()})
         model.head.out.load_state_dict(best[2])
-        print(f"ATAC readout: inverse penalty C={best[1]} (validation AUROC {best[0]:.4f}; tried {ATAC_PENALTIES})")
+        logger.info(f"ATAC readout: inverse penalty C={best[1]} (validation AUROC {best[0]:.4f}; tried {ATAC_PENALTIES})")
         return best[1]
 
     def _metrics(self, true: np.ndarray, pred: np.ndarray) -> dict:

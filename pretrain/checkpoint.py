@@ -15,6 +15,7 @@ architecture, so a resume with other data or another model shape is refused by n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -27,6 +28,8 @@ from safetensors.torch import save_file
 
 from atlasformer.model_zoo.hub import CheckpointError, load_safetensors, load_weights_only, sha256
 from atlasformer.tokenization import InputError
+
+logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 CHECKSUMS = "checksums.json"
@@ -51,7 +54,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(steps, reverse=True)]
 
 
-def latest_checkpoint(run_dir: str | Path, *, verify: bool = False, log=print) -> Path | None:
+def latest_checkpoint(run_dir: str | Path, *, verify: bool = False, log=logger.warning) -> Path | None:
     """The complete checkpoint with the highest step, or None.
 
     Parameters
@@ -63,7 +66,7 @@ def latest_checkpoint(run_dir: str | Path, *, verify: bool = False, log=print) -
         first: a damaged one is skipped for the previous complete one, with one line to ``log`` naming
         the checkpoint and the file.
     log
-        Receives the fall-back lines.
+        Receives the fall-back lines (default: a warning of the ``atlasformer`` logger).
 
     Raises
     ------

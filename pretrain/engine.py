@@ -109,6 +109,16 @@ def init_process_group(cpu: bool) -> torch.device:
     return device
 
 
+def name_cpu_accelerator_for_deepspeed() -> None:
+    """Tell DeepSpeed it runs on CPU when CUDA is unavailable, before it is imported.
+
+    accelerate imports deepspeed (when installed) to unwrap any model, whatever the strategy, and DeepSpeed's
+    own detection then warns "Setting accelerator to CPU" on every CPU run. A value the user set stays.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def sdpa_context(backend: str):
     """Restrict scaled_dot_product_attention to one kernel; flash needs fp16/bf16 and no padding mask."""
     if backend == "auto":
@@ -148,6 +158,7 @@ class BaseEngine:
     """AdamW's fused kernel: on CUDA, and on CPU (torch >= 2.4), where it is ~2.5x faster than the default."""
 
     def __post_init__(self):
+        name_cpu_accelerator_for_deepspeed()
         self.device = self._start()
         if self.device.type == "cuda":
             # TF32 matmuls for fp32 runs: the speed the fp32 peak in PEAK_TFLOPS assumes
@@ -277,6 +288,17 @@ class BaseEngine:
         return self.unwrap(model) if self.is_main else None
 
 
+def forget_single_process_accelerator_state(mixed_precision: str) -> None:
+    """Let one process run jobs of different precisions one after the other (pretrain in bf16, then fine-tune in
+    fp32, as in a notebook): accelerate keeps its state process-wide and refuses a second precision. A state
+    of a multi-process launch is kept, since every rank shares it."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @dataclass
 class Engine(BaseEngine):
     """``ddp`` through accelerate's ``Accelerator`` (one process, or DDP under any launcher)."""
@@ -287,6 +309,7 @@ class Engine(BaseEngine):
     def _start(self) -> torch.device:
         from accelerate import Accelerator
 
+        forget_single_process_accelerator_state(PRECISIONS[self.precision])
         self.accelerator = Accelerator(
             mixed_precision=PRECISIONS[self.precision],
             gradient_accumulation_steps=self.grad_accum,

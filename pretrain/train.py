@@ -8,15 +8,14 @@ log / evaluate / checkpoint at intervals -> export the model folder.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining, count_parameters
 from atlasformer.model_zoo.cell_transformer import training_flops
@@ -34,6 +33,7 @@ from atlasformer.tokenization import (
     open_inputs,
     tokenize_anndata,
 )
+from atlasformer.tokenization.console import log_once, progress_bar
 from atlasformer.tokenization.outputs import (
     prepare_output_folder,
     refuse_foreign_folder,
@@ -46,6 +46,8 @@ from .config import PretrainConfig
 from .engine import BaseEngine, configure_threads, make_engine, peak_tflops
 from .export import export_model_folder, load_model_folder
 from .objectives import mask_batch
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ pure helpers
@@ -109,7 +111,7 @@ def load_cells(cfg: PretrainConfig, tokenizer: CellTokenizer, inputs, log) -> tu
     offset = 0
     for source, adata in inputs:
         data = tokenize_anndata(adata, tokenizer, layer=cfg.layer, gene_key=cfg.gene_key, source=source, cell_offset=offset)
-        log(data.report.summary())
+        log.once(data.report.summary())
         offset += adata.n_obs
         parts.append(data.cells)
         batches.append(condition_labels(data.obs, condition_keys(cfg), source, len(data.cells)))
@@ -252,7 +254,8 @@ def evaluate(model, engine: BaseEngine, cells, rows, conditions, tokenizer, cfg,
 
 
 class Logger:
-    """Metric lines to metrics.jsonl, the console and (optionally) wandb, on the main process only."""
+    """Metric lines to metrics.jsonl, the console (the ``atlasformer`` logger) and (optionally) wandb, on the main
+    process only."""
 
     def __init__(self, run_dir: Path, enabled: bool, cfg: PretrainConfig):
         self.enabled = enabled
@@ -263,9 +266,14 @@ class Logger:
 
             self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=str(run_dir))
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, level: int = logging.INFO) -> None:
         if self.enabled:
-            tqdm.write(message)
+            logger.log(level, message)
+
+    def once(self, message: str) -> None:
+        """A report the fine-tuning of the same file would repeat: shown once per process."""
+        if self.enabled:
+            log_once(logger, message)
 
     def metrics(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -333,12 +341,14 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     peak, peak_source = peak_tflops(engine.device, cfg.precision, cfg.peak_tflops)
+    # one CPU process: nothing to say about the strategy, and its MFU peak is a measured guess
     log(f"strategy {cfg.strategy}, precision {cfg.precision}; MFU peak per device: "
-        f"{f'{peak:.2f} TFLOP/s' if peak else 'none'} ({peak_source})")
+        f"{f'{peak:.2f} TFLOP/s' if peak else 'none'} ({peak_source})",
+        logging.INFO if engine.world_size > 1 or engine.device.type == "cuda" else logging.DEBUG)
 
     step = 0
     # the newest checkpoint whose files match their checksums; damaged ones are named and skipped
-    checkpoint = latest_checkpoint(run_dir, verify=True, log=log) if resume else None
+    checkpoint = latest_checkpoint(run_dir, verify=True, log=lambda line: log(line, logging.WARNING)) if resume else None
     if checkpoint is not None:
         step = load_checkpoint(engine, model, optimizer, scheduler, order, checkpoint)
         log(f"resumed from {checkpoint} at step {step}")
@@ -348,66 +358,64 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
         log.metrics(0, metrics)
         log(f"step 0: eval loss {metrics['eval/loss']:.4f}")
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (engine.is_main and sys.stderr.isatty()), desc="pretrain",
-               dynamic_ncols=True)
-    tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
-    while step < cfg.max_steps:
-        micro_batches = [
-            next_train_batch(order, cells, train_rows, conditions, tokenizer, cfg, model_config,
-                             step_generator(cfg.seed, step, micro * engine.world_size + engine.rank, 0))
-            for micro in range(cfg.grad_accum)
-        ]
-        # normalise by the global target count so N processes compute what one process would
-        local_targets = torch.tensor(float(sum(int(b["target_mask"].sum()) for b in micro_batches)))
-        global_targets = engine.sum_across_ranks(local_targets).item()
-        normalizer = max(global_targets, 1.0) / (engine.world_size * cfg.grad_accum)
-        step_terms: dict[str, float] = {}
-        for batch in micro_batches:
-            with engine.accumulate(model):
-                with engine.autocast():
-                    out = model(**model_inputs(batch, engine.device), loss_normalizer=normalizer,
-                                objective_weights=cfg.objectives)
-                engine.backward(out.loss)
-            for name, term in out.loss_terms.items():
-                step_terms[name] = step_terms.get(name, 0.0) + float(term.detach())
-        grad_norm = engine.step(model, optimizer, cfg.clip_grad)  # clip, step, zero the gradients
-        scheduler.step()
-        step += 1
-        cells_seen += cfg.batch_size * cfg.grad_accum * engine.world_size
-        lengths = [b["attention_mask"].sum(1) for b in micro_batches]  # non-pad tokens per cell
-        tokens_seen += float(sum(int(n.sum()) for n in lengths))
-        flops_seen += sum(training_flops(model_config, n) for n in lengths)
+    with progress_bar(cfg.max_steps, desc="pretrain", unit="step", initial=step, main_process=engine.is_main) as bar:
+        tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
+        while step < cfg.max_steps:
+            micro_batches = [
+                next_train_batch(order, cells, train_rows, conditions, tokenizer, cfg, model_config,
+                                 step_generator(cfg.seed, step, micro * engine.world_size + engine.rank, 0))
+                for micro in range(cfg.grad_accum)
+            ]
+            # normalise by the global target count so N processes compute what one process would
+            local_targets = torch.tensor(float(sum(int(b["target_mask"].sum()) for b in micro_batches)))
+            global_targets = engine.sum_across_ranks(local_targets).item()
+            normalizer = max(global_targets, 1.0) / (engine.world_size * cfg.grad_accum)
+            step_terms: dict[str, float] = {}
+            for batch in micro_batches:
+                with engine.accumulate(model):
+                    with engine.autocast():
+                        out = model(**model_inputs(batch, engine.device), loss_normalizer=normalizer,
+                                    objective_weights=cfg.objectives)
+                    engine.backward(out.loss)
+                for name, term in out.loss_terms.items():
+                    step_terms[name] = step_terms.get(name, 0.0) + float(term.detach())
+            grad_norm = engine.step(model, optimizer, cfg.clip_grad)  # clip, step, zero the gradients
+            scheduler.step()
+            step += 1
+            cells_seen += cfg.batch_size * cfg.grad_accum * engine.world_size
+            lengths = [b["attention_mask"].sum(1) for b in micro_batches]  # non-pad tokens per cell
+            tokens_seen += float(sum(int(n.sum()) for n in lengths))
+            flops_seen += sum(training_flops(model_config, n) for n in lengths)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            totals = torch.tensor([step_terms[k] for k in sorted(step_terms)] + [tokens_seen, flops_seen], dtype=torch.float64)
-            *terms, tokens_all, flops_all = engine.sum_across_ranks(totals).tolist()
-            terms = [t / (engine.world_size * cfg.grad_accum) for t in terms]
-            elapsed = time.perf_counter() - tick
-            metrics = {f"train/{k}": v for k, v in zip(sorted(step_terms), terms)}
-            metrics["train/loss"] = sum(terms)
-            metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics["cells_per_s"] = cells_seen / elapsed
-            metrics["tokens_per_s"] = tokens_all / elapsed
-            if isinstance(order, CorpusLoader):  # this rank's batches since the start (or the resumed position)
-                metrics["padded_fraction"] = order.padded_fraction
-            if peak:
-                metrics["mfu"] = flops_all / elapsed / (peak * 1e12 * engine.world_size)
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            log.metrics(step, metrics)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}",
-                            **({"mfu": f"{metrics['mfu']:.1%}"} if peak else {}))
-            if bar.disable:  # no terminal (CI, logs): a plain line instead of the bar
-                log(f"step {step}: loss {metrics['train/loss']:.4f}, {metrics['cells_per_s']:.0f} cells/s")
-            tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
-        if len(eval_rows) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            metrics = evaluate(model, engine, cells, eval_rows, conditions, tokenizer, cfg, model_config)
-            log.metrics(step, metrics)
-            log(f"step {step}: eval loss {metrics['eval/loss']:.4f}")
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_checkpoint(engine, model, optimizer, scheduler, order, run_dir, step, run_config, cfg.keep_last)
-        bar.update(1)
-    bar.close()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                totals = torch.tensor([step_terms[k] for k in sorted(step_terms)] + [tokens_seen, flops_seen], dtype=torch.float64)
+                *terms, tokens_all, flops_all = engine.sum_across_ranks(totals).tolist()
+                terms = [t / (engine.world_size * cfg.grad_accum) for t in terms]
+                elapsed = time.perf_counter() - tick
+                metrics = {f"train/{k}": v for k, v in zip(sorted(step_terms), terms)}
+                metrics["train/loss"] = sum(terms)
+                metrics["lr"] = scheduler.get_last_lr()[0]
+                metrics["cells_per_s"] = cells_seen / elapsed
+                metrics["tokens_per_s"] = tokens_all / elapsed
+                if isinstance(order, CorpusLoader):  # this rank's batches since the start (or the resumed position)
+                    metrics["padded_fraction"] = order.padded_fraction
+                if peak:
+                    metrics["mfu"] = flops_all / elapsed / (peak * 1e12 * engine.world_size)
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                log.metrics(step, metrics)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}",
+                                **({"mfu": f"{metrics['mfu']:.1%}"} if peak else {}), refresh=False)
+                # the bar shows these; the line is for -v (every value is in metrics.jsonl)
+                log(f"step {step}: loss {metrics['train/loss']:.4f}, {metrics['cells_per_s']:.0f} cells/s", logging.DEBUG)
+                tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
+            if len(eval_rows) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                metrics = evaluate(model, engine, cells, eval_rows, conditions, tokenizer, cfg, model_config)
+                log.metrics(step, metrics)
+                log(f"step {step}: eval loss {metrics['eval/loss']:.4f}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save_checkpoint(engine, model, optimizer, scheduler, order, run_dir, step, run_config, cfg.keep_last)
+            bar.update(1)
     if isinstance(order, CorpusLoader):
         order.close()  # stop its DataLoader workers
 
@@ -415,7 +423,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
     plain = engine.export_model(model)  # consolidated from the shards under fsdp / ZeRO
     if engine.is_main:
         export_model_folder(plain, tokenizer, model_dir, run_config, overwrite=overwrite)
-        log(f"model folder written to {model_dir}")
+        log(f"model folder written to {model_dir}", logging.DEBUG)  # train returns it; the CLI prints it
     engine.barrier()
     log.close()
     engine.close()

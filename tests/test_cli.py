@@ -40,6 +40,10 @@ def test_quickstart_fine_tunes_every_head_and_prints_metrics(tmp_path):
     for line in ("annotation on held-out cells: accuracy", "integration on held-out cells: batch_mixing_entropy",
                  "imputation on held-out cells: poisson_nll", "modality on held-out cells: rmse"):
         assert line in proc.stdout, line
+    assert "no_denoising.poisson_nll" in proc.stdout and "mean_baseline.rmse" in proc.stdout  # baselines, named
+    for noise in ("Setting accelerator to CPU", "strategy ddp", "validation score", "INFO:"):  # tests/test_console.py
+        assert noise not in proc.stderr, noise
+    assert proc.stderr.count("simulated.h5ad: 300/300 cells kept") == 1, proc.stderr  # the file's report, once
     for path in ("pretrain/model/model.safetensors", "annotation/model/config.json", "annotation/simulated.h5ad",
                  "annotation/metrics.json", "annotation/confusion_matrix.png", "simulated.protein.h5ad"):
         assert (tmp_path / "qs" / path).exists(), path

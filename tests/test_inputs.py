@@ -81,7 +81,7 @@ def test_low_overlap_is_an_error_and_medium_overlap_warns(capsys):
         tokenize(adata, vocab=vocab)
     vocab = GeneVocab([f"G{i}" for i in range(6)])
     tokenize(adata, vocab=vocab)
-    assert "warning" in capsys.readouterr().out
+    assert "warning" in capsys.readouterr().err
 
 
 def test_empty_cells_are_dropped_and_counted():

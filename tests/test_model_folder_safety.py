@@ -177,7 +177,7 @@ def test_resume_past_a_damaged_checkpoint_continues_from_the_previous_one(run_co
     data, run = run_copy
     truncate(run / "checkpoints" / "step-4" / "optimizer.pt")
     assert main(pretrain_args(data, run, "max_steps=6", "--resume")) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # progress and warnings are log lines, on stderr
     assert re.search(r"step-4 is damaged \(optimizer.pt has \d+ bytes, \d+ were written", out), out[-2000:]
     assert re.search(r"resumed from \S*step-2 at step 2", out), out[-2000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -249,8 +249,8 @@ def read_one_epoch(corpus: Path) -> None:
 def test_a_shard_with_flipped_bytes_is_named_before_it_reaches_the_model(corpus_copy, name, start, problem):
     path = corpus_copy / "shard-00001" / name
     flip_bytes(path, start % path.stat().st_size, start % path.stat().st_size + 40)
-    with pytest.raises(InputError, match=rf"shard-00001: corpus shard is damaged \({problem}.*rebuild the corpus: "
-                                         r"rerun `atlasformer tokenize`"):
+    with pytest.raises(InputError, match=rf"shard-00001: corpus shard is damaged \({problem}.*rebuild it: "
+                                         r"rerun the same `atlasformer tokenize` command"):
         read_one_epoch(corpus_copy)
 
 

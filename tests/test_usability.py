@@ -27,7 +27,7 @@ def test_unlabelled_cells_are_counted_aloud(sim_adata, capsys):
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
     adata.obs.loc[adata.obs_names[:200], "cell_type"] = np.nan
     Annotator(None, tiny_cfg(), labels_key="cell_type").fit(adata)
-    assert "200 of 600 cells have no label in obs['cell_type']" in capsys.readouterr().out
+    assert "200 of 600 cells have no label in obs['cell_type']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task", ["annotation", "imputation"])
@@ -104,3 +104,12 @@ def test_annotate_leaves_the_annotator_unchanged_and_honours_layer(sim_adata):
     with_layer = query.obs["atlasformer_confidence"].to_numpy()
     annotate(query, annotator)  # X: the shuffled counts, so other confidences than from the layer
     assert not np.allclose(with_layer, query.obs["atlasformer_confidence"].to_numpy())
+
+
+def test_one_process_runs_jobs_of_different_precisions_one_after_the_other():
+    """A notebook pretrains in bf16, then fine-tunes in fp32: accelerate's process-wide state must not refuse."""
+    from atlasformer.pretrain.engine import Engine
+
+    Engine(precision="bf16", seed=0).close()
+    assert Engine(precision="fp32", seed=0).accelerator.mixed_precision == "no"
+    assert Engine(precision="bf16", seed=0).accelerator.mixed_precision == "bf16"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .anndata_io import InputError
+from .console import progress_bar
 from .corpus_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -57,6 +59,8 @@ from .tokenizer import (
     TokenizerConfig,
 )
 from .vocab import VOCAB_FILE, GeneVocab
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (VOCAB_FILE, TOKENIZER_CONFIG_FILE, GENE_MEDIANS_FILE)
 
@@ -192,7 +196,7 @@ def build_corpus(
     tokenizer: CellTokenizer | TokenizerConfig | None = None,
     *,
     config: CorpusConfig | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> dict:
     """Tokenize h5ad files and SOMA experiments into a sharded corpus folder, resumably.
 
@@ -210,7 +214,8 @@ def build_corpus(
     config
         Build options (:class:`CorpusConfig`).
     log
-        Receives progress and report lines.
+        Receives progress and report lines (default: the ``atlasformer`` logger, at info level). A progress bar
+        counts the cells tokenized (:func:`~atlasformer.tokenization.console.progress_bar`).
 
     Returns
     -------
@@ -227,10 +232,13 @@ def build_corpus(
         manifest, tokenizer, prepared = _start(root, sources, tokenizer, config, excluded, log)
         if not manifest["complete"]:
             cell_offset = 0  # the subsampling hash sees cells numbered across inputs, as pretraining does
-            for i, item in enumerate(prepared):
-                if manifest["inputs"][i]["status"] == "pending":
-                    _write_input(root, manifest, i, item, tokenizer, config, cell_offset, log)
-                cell_offset += item.source.n_obs
+            pending = [i for i, record in enumerate(manifest["inputs"]) if record["status"] == "pending"]
+            remaining = sum(prepared[i].source.n_obs - manifest["inputs"][i]["next_row"] for i in pending)
+            with progress_bar(remaining, desc="tokenize", unit="cells") as bar:
+                for i, item in enumerate(prepared):
+                    if i in pending:
+                        _write_input(root, manifest, i, item, tokenizer, config, cell_offset, log, bar)
+                    cell_offset += item.source.n_obs
             manifest["complete"] = True
             write_json_atomic(root / MANIFEST, manifest)
     finally:
@@ -436,7 +444,7 @@ def _chunk_obs(obs: pd.DataFrame, cells: TokenizedCells, start: int, index: int,
 
 
 def _write_input(root: Path, manifest: dict, index: int, item: _Prepared, tokenizer: CellTokenizer,
-                 config: CorpusConfig, cell_offset: int, log) -> None:
+                 config: CorpusConfig, cell_offset: int, log, bar) -> None:
     """Tokenize one input from its next row on, shard by shard, listing each shard once it is complete."""
     record, source = manifest["inputs"][index], item.source
     if config.batch_key in record["missing_obs_keys"]:
@@ -445,7 +453,7 @@ def _write_input(root: Path, manifest: dict, index: int, item: _Prepared, tokeni
         log(f"{source.path}: obs has no {config.labels_key!r} column; its cells get empty labels.")
     try:
         for shard_start in range(record["next_row"], source.n_obs, config.shard_size):
-            shard = _write_shard(root, manifest, index, item, tokenizer, config, cell_offset, shard_start)
+            shard = _write_shard(root, manifest, index, item, tokenizer, config, cell_offset, shard_start, bar)
             manifest["next_shard"] += 1  # names are never reused, even for shards removed later
             manifest["shards"].append(shard)
             record["next_row"] = shard["rows"][1]
@@ -469,7 +477,7 @@ def _write_input(root: Path, manifest: dict, index: int, item: _Prepared, tokeni
 
 
 def _write_shard(root: Path, manifest: dict, index: int, item: _Prepared, tokenizer: CellTokenizer,
-                 config: CorpusConfig, cell_offset: int, shard_start: int) -> dict:
+                 config: CorpusConfig, cell_offset: int, shard_start: int, bar) -> dict:
     """Rows ``shard_start:shard_start + shard_size`` of one input into a committed (not yet listed) shard."""
     source = item.source
     shard_stop = min(shard_start + config.shard_size, source.n_obs)
@@ -482,6 +490,7 @@ def _write_shard(root: Path, manifest: dict, index: int, item: _Prepared, tokeni
             cells = tokenizer.encode(counts, item.column_ids, cell_index=rows + cell_offset)
             cells.cell_index = cells.cell_index - cell_offset  # rows local to the input
             writer.add(cells, _chunk_obs(obs, cells, start, index, source.name, config))
+            bar.update(stop - start)
         shard = writer.commit()
     except BaseException:
         writer.abort()  # nothing half-written stays behind, whatever stopped us

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ from .anndata_io import InputError
 from .binning import CountGroups, binned_tokens, quantile_bins  # noqa: F401  (quantile_bins is part of this module's API)
 from .gene_ids import GeneIdReport
 from .vocab import GeneVocab
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENE_MEDIANS_FILE = "gene_medians.json"
@@ -392,7 +395,7 @@ class CellTokenizer:
                 "symbols or Ensembl IDs of the model's species, or train a vocabulary from scratch."
             )
         if overlap < self.config.warn_overlap:
-            print(f"warning: {source}: only {overlap:.1%} of its genes are in the model's vocabulary.")
+            logger.warning(f"warning: {source}: only {overlap:.1%} of its genes are in the model's vocabulary.")
         return overlap
 
     # ---------------------------------------------------------------- encode
