@@ -139,13 +139,20 @@ def main(argv=None) -> None:
                         help="a finished run of that point's recipe (e.g. the shipped model's run folder)")
     parser.add_argument("--wall-s", nargs="*", default=[], metavar="POINT=SECONDS",
                         help="wall time of a reused run (its own record, e.g. the model card's)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="recompute the loss and compute columns of stored points from their run folders")
     args = parser.parse_args(argv)
     reused = dict(item.split("=", 1) for item in args.reuse)
     walls = {k: float(v) for k, v in (item.split("=", 1) for item in args.wall_s)}
     json_path = args.results.with_suffix(".json")
     record = json.loads(json_path.read_text()) if json_path.exists() else {"points": {}}
     record.update(date=time.strftime("%Y-%m-%dT%H:%M:%S"), machine=machine_line(), threads=args.threads)
-    for point in args.points:
+    if args.refresh:
+        for point, entry in record["points"].items():
+            entry.update(final_metrics(Path(entry.get("run_dir") or reused.get(point) or args.runs / point)))
+        json_path.write_text(json.dumps(record, indent=2))
+        write_markdown(record, args.results.with_suffix(".md"))
+    for point in ([] if args.refresh else args.points):  # --refresh trains nothing
         if point in record["points"]:
             print(f"{point}: already measured, kept")
             continue
@@ -154,7 +161,7 @@ def main(argv=None) -> None:
         if point not in reused:
             wall = pretrain(point, run_dir, args.data, args.threads)
         scores = probe(run_dir / "model", args.data, args.runs / f"{point}-probe", args.threads)
-        result = {**final_metrics(run_dir), "wall_s": wall, "probes": scores,
+        result = {**final_metrics(run_dir), "run_dir": str(run_dir), "wall_s": wall, "probes": scores,
                   "parameters": parameter_count(run_dir / "model")}
         print(point, json.dumps(result))
         # read again before writing: another invocation may have added points meanwhile
@@ -163,6 +170,11 @@ def main(argv=None) -> None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=2))
         write_markdown(record, args.results.with_suffix(".md"))
+    summary = {name: {"eval_loss": p["eval_loss"], "tflops": (p["flops"] or 0) / 1e12,
+                      "knn_accuracy": p["probes"].get("atlasformer_zeroshot", {}).get("accuracy"),
+                      "logistic_accuracy": p["probes"].get("atlasformer_no_expression", {}).get("accuracy")}
+               for name, p in record["points"].items()}
+    print(json.dumps(summary))  # the last line: one JSON object (FORMATS.md)
 
 
 if __name__ == "__main__":

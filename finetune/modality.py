@@ -219,7 +219,8 @@ class ModalityPredictor(FinetunedTask):
             model.eval()
             self.model, self.validation = model, validate(model)[1]  # scored on held-out cells, then refitted on all
             self.validation["refitted_on_all_cells"] = True
-            self._plot_data = {"true": y[val], "pred": predictions(model, val), "names": names}  # before the refit
+            self._plot_data = {"true": y[val], "pred": predictions(model, val), "names": names,
+                               "baseline": mean_prediction}  # before the refit
             self._fit_readout(model, z, y, fit_rows, None, None, penalty)
         else:
             def make_batch(rows):
@@ -233,7 +234,8 @@ class ModalityPredictor(FinetunedTask):
             self.model, self.validation = fit(model, len(train), make_batch, validate, cfg,
                                               description=f"modality ({self.modality})",
                                               metric="rmse" if protein else "auroc_per_feature", lower_is_better=protein)
-            self._plot_data = {"true": y[val], "pred": predictions(self.model, val), "names": names}
+            self._plot_data = {"true": y[val], "pred": predictions(self.model, val), "names": names,
+                               "baseline": mean_prediction}
         return self.validation
 
     def _fit_readout(self, model, z, y, rows, val, validate, penalty: float | None = None) -> float | None:
@@ -288,7 +290,8 @@ class ModalityPredictor(FinetunedTask):
         if self.modality == "protein":
             path = Path(output) / "protein_predicted_vs_observed.png"
             predicted_vs_observed(true, pred, names, path, xlabel="observed CLR", ylabel="predicted CLR",
-                                  feature_kind="proteins")
+                                  feature_kind="proteins", baseline=self._plot_data.get("baseline"),
+                                  baseline_label="mean of training cells")
             return [path]
         path = Path(output) / "atac_roc.png"
         roc_curve_plot(true, pred, path, "ATAC accessibility (validation cells)")

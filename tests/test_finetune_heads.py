@@ -233,6 +233,8 @@ def test_modality_task_roundtrip_and_checks(sim, tmp_path):
     assert out.obsm["protein_predicted"].shape == (adata.n_obs, 4)
     assert list(out.uns["protein_predicted_names"]) == list(protein.var_names)
     assert "mean_baseline" in summary["validation"]
+    plotted = task._plot_data  # the scatter draws the mean baseline beside the predictions
+    assert plotted["baseline"].shape == plotted["true"].shape == plotted["pred"].shape
     shuffled = protein[::-1].copy()  # same cells in another order: aligned by obs_names
     ModalityPredictor(None, tiny_cfg(max_steps=1), paired=shuffled).fit(adata)
     with pytest.raises(InputError, match="obs_names must be identical"):
