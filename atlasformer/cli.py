@@ -20,7 +20,7 @@ from pathlib import Path
 from atlasformer import settings
 from atlasformer.config import ConfigError, configs_root, load_config, to_plain
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("atlasformer.cli")  # not __name__: "__main__" under python -m atlasformer.cli
 
 # ----------------------------------------------------------------------------------------- flags
 SHIPPED_MODEL = "atlasformer-public-small"  # model_zoo.hub.SHIPPED_MODELS (named here so --help needs no torch)
