@@ -319,7 +319,9 @@ def cmd_quickstart(args) -> int:
     for name, summary in results.items():
         scores = ", ".join(f"{k} {v:.3f}" for k, v in printed_metrics(summary["validation"]).items()
                            if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral))
-        print(f"{name} on held-out cells: {scores} ({summary['validation'].get('n_val', '?')} cells)")
+        validation = summary["validation"]
+        scib = f"; scIB scores on all {validation['scib_cells']:,} cells" if "scib_cells" in validation else ""
+        print(f"{name} on held-out cells: {scores} ({validation.get('n_val', '?')} cells{scib})")
     print(f"pretrained model: {model_dir}\nfine-tuned models and outputs: "
           f"{', '.join(str(output / name) for name in results)}")
     return 0
