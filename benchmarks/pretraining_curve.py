@@ -124,7 +124,9 @@ def write_markdown(record: dict, path: Path) -> None:
             f"{p['eval_masked_value']:.3f} | {p['eval_mvc']:.2f} | {knn.get('accuracy', float('nan')):.4f} | "
             f"{knn.get('macro_f1', float('nan')):.4f} | {lin.get('accuracy', float('nan')):.4f} | "
             f"{lin.get('macro_f1', float('nan')):.4f} |")
-    lines += ["", f"Command: `python benchmarks/pretraining_curve.py --points {' '.join(record['points'])}`", ""]
+    lines += ["", f"Command: `python benchmarks/pretraining_curve.py --points {' '.join(record['points'])} "
+              "--reuse steps-4000=benchmarks/checkpoints/public-small --wall-s steps-4000=1976` (steps-4000 is the "
+              "shipped model's own run; its wall time is from its model card, measured alone)", ""]
     path.write_text("\n".join(lines))
 
 

@@ -51,7 +51,7 @@ def finetune_file(task, data: str | Path, output: str | Path, *, with_x: bool = 
     prepare_outputs(output, [data, *queries], reads=(paired if isinstance(paired, (str, Path)) else None,),
                     overwrite=overwrite, command="finetune")
     refuse_foreign_model_folder(output / "model", overwrite=overwrite)
-    target_path = annotated_path(data, output)
+    target_path = output / annotated_name(data)  # checked against the inputs by prepare_outputs
     adata = read_h5ad(data, backed=False)
     source = str(data)
     metrics = task.fit(adata, source=source, **(extra_inputs or {}))
