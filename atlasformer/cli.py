@@ -49,6 +49,11 @@ def add_io(parser: argparse.ArgumentParser, *, model: bool = True, labels: bool 
     parser.epilog = overrides_help(overrides) if overrides else "This command takes no KEY=VALUE overrides."
 
 
+def add_cpu(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu", action="store_true",
+                        help="run on the CPU even when a GPU is present (the setting cpu=true)")
+
+
 def add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an output folder holding files atlasformer did not write (never over an input)")
@@ -77,7 +82,7 @@ def cmd_pretrain(args) -> int:
     from atlasformer.pretrain import PretrainConfig, train
 
     base = {"data": args.data, "output": args.output}
-    for key in ("layer", "gene_key", "batch_key"):
+    for key in ("layer", "gene_key", "batch_key", "cpu"):
         if getattr(args, key, None):
             base[key] = getattr(args, key)
     if args.model:
@@ -135,6 +140,8 @@ def finetune_config(args, task: str):
         base["from_scratch"] = True
     if getattr(args, "unknown_threshold", None) is not None:
         base["unknown_threshold"] = args.unknown_threshold
+    if getattr(args, "cpu", False):
+        base["cpu"] = True
     return load_config(FinetuneConfig, args.config, args.overrides, base=base)
 
 
@@ -166,6 +173,7 @@ def _require(args, name: str) -> str:
 
 def cmd_finetune(args) -> int:
     from atlasformer.finetune import finetune_file
+    from atlasformer.tokenization.console import is_main_process
 
     cfg = finetune_config(args, args.task)
     if not cfg.from_scratch and not args.model:
@@ -175,12 +183,13 @@ def cmd_finetune(args) -> int:
     summary = finetune_file(task, single_input(args), args.output, with_x=args.with_x,
                             run_config={"task": args.task, **to_plain(cfg)}, queries=tuple(queries),
                             overwrite=args.overwrite)
-    print(json.dumps(printed_metrics(summary["validation"]), indent=2))
-    for query in queries:  # label transfer / prediction on further files with the new model
-        from atlasformer.finetune import predict_file
+    if is_main_process():  # under a multi-process launch, rank 0 writes and reports
+        print(json.dumps(printed_metrics(summary["validation"]), indent=2))
+        for query in queries:  # label transfer / prediction on further files with the new model
+            from atlasformer.finetune import predict_file
 
-        print(f"wrote {predict_file(task, query, args.output, with_x=args.with_x)}")
-    print(f"outputs written to {args.output}")
+            print(f"wrote {predict_file(task, query, args.output, with_x=args.with_x)}")
+        print(f"outputs written to {args.output}")
     return finished_worker_exit()
 
 
@@ -271,7 +280,8 @@ def cmd_embed(args) -> int:
     for data in files:
         adata = read_h5ad(data, backed=True)
         target = output_adata(adata, args.with_x)
-        target.obsm["X_atlasformer"] = cell_embeddings(adata, pair, layer=args.layer, gene_key=args.gene_key)
+        target.obsm["X_atlasformer"] = cell_embeddings(adata, pair, layer=args.layer, gene_key=args.gene_key,
+                                                       cpu=args.cpu)
         record_provenance(target, {("obsm", "X_atlasformer")}, model=args.model, layer=args.layer,
                           settings={"gene_key": args.gene_key}, weights=pair[0])
         print(f"wrote {write_h5ad_atomic(target, annotated_path(data, args.output))}")
@@ -373,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a model on h5ad files", description="Pretrain a CellTransformer.")
     add_io(p, overrides="lr=1e-4 max_steps=20000 model=small")
+    add_cpu(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --output")
     p.set_defaults(run=cmd_pretrain)
 
@@ -386,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a task head on a labelled file", description="Fine-tune a task.")
     p.add_argument("task", choices=TASKS, help="the task")
     add_io(p, labels=True, overrides="epochs=10 lr=1e-3 mode=full")
+    add_cpu(p)
     p.add_argument("--from-scratch", action="store_true", help="random initialisation with a vocabulary from the data")
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
     p.add_argument("--query", nargs="+", metavar="FILE", help="annotation: also predict these files (label transfer)")
@@ -399,12 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="apply a fine-tuned model to new files", description="Predict with a fine-tuned model.")
     p.add_argument("task", choices=TASKS, help="the task")
     add_io(p, overrides="chunk_size=1024")
+    add_cpu(p)
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
     p.add_argument("--unknown-threshold", type=float, help="annotation: label cells below this confidence 'unknown'")
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("embed", help="zero-shot cell embeddings into obsm['X_atlasformer']", description="Embed cells.")
     add_io(p, batch=False)
+    add_cpu(p)
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
     p.set_defaults(run=cmd_embed, takes_overrides=False)
 

@@ -35,15 +35,17 @@ CORPUS = ("kang_pbmc_8donors", "cellbench_lung_lines_5batches", "pbmc_10x_3chemi
           "pbmc_sorted_reference", "pbmc_donorA_query", "kang_pbmc_ctrl_stim", "pbmc_celltypist_sample",
           "pbmc1k_cite.rna", "eccite_pbmc_500.rna")  # the shipped model's corpus (scripts/build_public_model.sh)
 # point -> overrides of the shipped recipe (4 layers, width 64, 256 genes per cell, 4,000 steps of 32 cells)
+WIDTH_128 = ["model.d_model=128", "model.d_ff=512"]
 POINTS = {
     "steps-1000": ["max_steps=1000"],
     "steps-2000": ["max_steps=2000"],
     "steps-4000": [],
     "steps-8000": ["max_steps=8000"],
     # other shapes at about the compute of steps-2000 to steps-4000 (FLOPs per step grow with width, depth, length)
-    "width-128-steps-1000": ["model.d_model=128", "model.d_ff=512", "max_steps=1000"],
+    "width-128-steps-1000": [*WIDTH_128, "max_steps=1000"],
     "layers-8-steps-1500": ["model.n_layers=8", "max_steps=1500"],
     "genes-512-steps-1500": ["tokenizer.max_seq_len=512", "max_steps=1500"],
+    "width-128-steps-2000": [*WIDTH_128, "max_steps=2000"],  # the candidate next public model (float16 weights)
 }
 AF = str(Path(sys.executable).with_name("atlasformer"))  # the console script of this environment
 PROBES = ("atlasformer_zeroshot", "atlasformer_no_expression")
@@ -126,7 +128,9 @@ def write_markdown(record: dict, path: Path) -> None:
             f"{lin.get('macro_f1', float('nan')):.4f} |")
     lines += ["", f"Command: `python benchmarks/pretraining_curve.py --points {' '.join(record['points'])} "
               "--reuse steps-4000=benchmarks/checkpoints/public-small --wall-s steps-4000=1976` (steps-4000 is the "
-              "shipped model's own run; its wall time is from its model card, measured alone)", ""]
+              "shipped model's own run; its wall time is from its model card, measured alone). width-128-steps-2000 "
+              "was pretrained at 2 threads (`--threads 2`), partly beside other jobs, and probed with "
+              "`--reuse width-128-steps-2000=RUN_DIR --wall-s width-128-steps-2000=1743 --threads 2`", ""]
     path.write_text("\n".join(lines))
 
 

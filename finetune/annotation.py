@@ -100,7 +100,7 @@ class Annotator(FinetunedTask):
         fit_rows = np.union1d(train, val) if closed_form else train
         head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[fit_rows], layer=self.layer,
                                             gene_key=self.gene_key, source=source)
-        model = build_task_model(CellTransformerForAnnotation, backbone, config, seed=cfg.seed,
+        model = build_task_model(CellTransformerForAnnotation, backbone, config, seed=cfg.seed, cpu=cfg.cpu,
                                  id2label={i: c for i, c in enumerate(classes)}, task="annotation", **head)
         x = None if expression is None else expression[cells.cell_index]  # (cells, genes), rows as cells
         if model.expression_path is not None:
@@ -152,12 +152,12 @@ class Annotator(FinetunedTask):
 
     def predict(self, adata: ad.AnnData, source: str = "data") -> pd.DataFrame:
         """Per cell: ``label`` (``"unknown"`` below the threshold) and ``confidence``; index = obs_names."""
-        self._require_model()
-        id2label = self.model.config.id2label
+        model = self._inference_model()
+        id2label = model.config.id2label
         classes = np.asarray([id2label[i] for i in range(len(id2label))], dtype=object)
         label = np.full(adata.n_obs, UNKNOWN, dtype=object)
         confidence = np.zeros(adata.n_obs, dtype=np.float32)
-        for rows, probs in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+        for rows, probs in iter_model_outputs(model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                               source=source, chunk_size=self.config.chunk_size,
                                               outputs=lambda out: out.logits.float().softmax(-1),
                                               extra=self._model_extra(adata, source)):

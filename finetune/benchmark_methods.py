@@ -128,10 +128,10 @@ def pretrained(inp):
 
 def zero_shot_embedding(inp, adata: ad.AnnData | None = None) -> np.ndarray:
     """(cells, d_model) pretrained cell embeddings, not fine-tuned (zeros for cells without vocabulary genes)."""
-    from .common import iter_model_outputs
+    from .common import iter_model_outputs, to_inference_device
 
     model, tokenizer = pretrained(inp)
-    model.eval()
+    to_inference_device(model).eval()  # the GPU when there is one
     adata = inp.adata if adata is None else adata
     out = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
     for rows, emb in iter_model_outputs(model, adata, tokenizer, layer=inp.layer, gene_key=inp.gene_key, source=inp.source):

@@ -68,12 +68,30 @@ def _with_seq_len(tok_cfg, max_seq_len):
     return tok_cfg if max_seq_len is None else dataclasses.replace(tok_cfg, max_seq_len=max_seq_len)
 
 
+def inference_device(cpu: bool = False) -> torch.device:
+    """Where models run outside the training loop: this process's GPU when there is one, unless ``cpu``.
+
+    Each process of a launch takes the GPU of its ``LOCAL_RANK``, as the training engine does.
+    """
+    if cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def to_inference_device(model: torch.nn.Module, cpu: bool = False) -> torch.nn.Module:
+    """Move ``model`` (in place) to :func:`inference_device` and return it."""
+    device = inference_device(cpu)
+    logger.debug("model on %s", device)  # `atlasformer -v` says where inference runs
+    return model.to(device)
+
+
 def build_task_model(model_cls, backbone: CellTransformer | None, config: CellTransformerConfig, *, seed: int,
-                     **head_config):
+                     cpu: bool = False, **head_config):
     """Instantiate ``model_cls`` with ``head_config`` added to the backbone config, copying pretrained weights.
 
     The new weights (head, and the backbone from scratch) are drawn from ``seed``, in a forked RNG so the
-    caller's random state is untouched: the same seed gives the same fine-tuned model.
+    caller's random state is untouched: the same seed gives the same fine-tuned model. The model is placed on
+    :func:`inference_device` (the GPU, unless ``cpu``), where its frozen embeddings and readouts are computed.
     """
     base = {k: v for k, v in config.to_dict().items() if k not in ("architectures", "id2label", "label2id", "task")}
     task_config = CellTransformerConfig(**{**base, **head_config})
@@ -82,7 +100,7 @@ def build_task_model(model_cls, backbone: CellTransformer | None, config: CellTr
         model = model_cls(task_config)
     if backbone is not None:
         model.backbone.load_state_dict(backbone.state_dict())
-    return model
+    return to_inference_device(model, cpu)
 
 
 def tokenize_for_model(adata: ad.AnnData, tokenizer: CellTokenizer, *, layer=None, gene_key=None, source="data"):
@@ -313,6 +331,11 @@ class FinetunedTask:
             name = type(self).__name__
             raise InputError(f"this {name} has no model yet: call fit(adata) or {name}.load(folder).")
 
+    def _inference_model(self):
+        """The model, on :func:`inference_device` (the GPU when there is one, unless ``config.cpu``)."""
+        self._require_model()
+        return to_inference_device(self.model, self.config.cpu)
+
     def _model_extra(self, adata: ad.AnnData, source: str) -> dict | None:
         """Per-cell model inputs beyond the tokens, aligned with ``adata``'s rows: the expression path's input
         when the model has one."""
@@ -326,9 +349,9 @@ class FinetunedTask:
 
     def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, d_model) cell embeddings of the fine-tuned backbone; zeros for cells without vocabulary genes."""
-        self._require_model()
-        out = np.zeros((adata.n_obs, self.model.config.d_model), dtype=np.float32)
-        for rows, emb in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+        model = self._inference_model()
+        out = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
+        for rows, emb in iter_model_outputs(model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                             source=source, chunk_size=self.config.chunk_size,
                                             extra=self._model_extra(adata, source)):
             out[rows] = emb

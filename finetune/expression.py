@@ -84,14 +84,16 @@ def fit_expression_path(path: ExpressionPath, x_train: np.ndarray, seed: int = 0
 
 @torch.no_grad()
 def path_features(path: ExpressionPath | None, x: np.ndarray | None) -> np.ndarray | None:
-    return None if path is None else path(torch.as_tensor(x)).numpy()
+    """(cells, d_expr) the expression path's features of ``x``, computed where the path is (a GPU or the CPU)."""
+    return None if path is None else path(torch.as_tensor(x).to(path.mean.device)).cpu().numpy()
 
 
 @torch.no_grad()
 def readout_features(readout: LinearReadout, embedding: np.ndarray, features: np.ndarray | None) -> np.ndarray:
     """(cells, d_model + d_expr) what the readout's linear map sees."""
-    expr = None if features is None else torch.as_tensor(features)
-    return readout.features(torch.as_tensor(embedding), expr).numpy()
+    device = readout.out.weight.device
+    expr = None if features is None else torch.as_tensor(features).to(device)
+    return readout.features(torch.as_tensor(embedding).to(device), expr).cpu().numpy()
 
 
 @torch.no_grad()

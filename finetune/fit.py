@@ -24,6 +24,8 @@ from atlasformer.tokenization.console import progress_bar
 from .config import FinetuneConfig
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+LOSS_READ_EVERY = 10
+"""Steps between reads of the training loss for the progress bar (their mean): each read waits for the GPU."""
 HEAD_PREFIXES = ("classifier", "head", "decoder", "discriminator", "batch_discriminator")
 logger = logging.getLogger(__name__)
 
@@ -45,17 +47,21 @@ def apply_mode(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold LoRA adapters into the base weights, so the saved folder is a plain model."""
+    """Fold LoRA adapters into the base weights, so the saved folder is a plain model.
+
+    In place: each adapted layer is replaced by its merged base layer, so the model keeps its device and dtype
+    (no fresh copy is built on the CPU). Returns ``model``.
+    """
     from peft.tuners.lora import LoraLayer
 
-    for module in list(model.modules()):
+    for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()
-    state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
-    clean = {k.replace(".base_layer.", "."): v for k, v in state.items()}
-    fresh = type(model)(model.config)
-    fresh.load_state_dict(clean)
-    return fresh
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    for module in model.modules():
+        vars(module).pop("peft_config", None)  # left by inject_adapter_in_model
+    return model
 
 
 def trainable_parameter_groups(model: torch.nn.Module, cfg: FinetuneConfig) -> list[dict]:
@@ -108,7 +114,8 @@ def fit(
         The best model (weights restored, eval mode) and the metrics ``validate`` returned for it.
     """
     cfg = cfg.with_recipe({})  # fields a task's recipe left unset take the general defaults
-    engine = Engine(precision=cfg.precision, cpu=cfg.cpu, seed=cfg.seed)
+    # heads leave some backbone weights unused (condition tokens): DDP must not wait for their gradients
+    engine = Engine(precision=cfg.precision, cpu=cfg.cpu, seed=cfg.seed, find_unused_parameters=True)
     model = apply_mode(model, cfg)
     order = BatchOrder(n_train, min(cfg.batch_size, n_train), seed=cfg.seed, rank=engine.rank,
                        world_size=engine.world_size, drop_last=n_train >= cfg.batch_size * engine.world_size)
@@ -123,6 +130,7 @@ def fit(
     eval_every = cfg.eval_every or steps_per_epoch
 
     best_score, best_state, best_metrics, stale = -math.inf, None, {}, 0
+    loss_sum = torch.zeros((), device=engine.device)  # summed on the device, read every LOSS_READ_EVERY steps
     if not engine.is_main:  # every rank validates; one says so
         log = lambda message: None  # noqa: E731
     model.train()
@@ -136,13 +144,18 @@ def fit(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)  # redrawn by update, at its own pace
+            loss_sum += out.loss.detach().float()
+            if step % LOSS_READ_EVERY == 0:
+                if not bar.disable:  # redrawn by update, at its own pace
+                    bar.set_postfix(loss=f"{loss_sum.item() / LOSS_READ_EVERY:.4f}", refresh=False)
+                loss_sum.zero_()
             bar.update(1)
             if step % eval_every == 0 or step == total:
                 model.eval()
                 with torch.no_grad():
                     score, metrics = validate(engine.unwrap(model))
                 model.train()
+                score = engine.broadcast_from_main(score)  # rank 0 decides: all ranks stop at the same step
                 log(f"step {step}: validation {score_text(score, metric, lower_is_better)}")
                 if score > best_score:
                     best_score, best_metrics, stale = score, metrics, 0

@@ -101,8 +101,8 @@ class Imputer(FinetunedTask):
         head, expression = expression_setup(thinned, tokenizer, cfg, cells.cell_index[train], gene_key=self.gene_key,
                                             source=source)
         head.pop("readout")  # the count decoder is this task's head
-        model = build_task_model(CellTransformerForImputation, backbone, config, seed=cfg.seed, feature_names=genes,
-                                 likelihood=cfg.likelihood, task="imputation", **head)
+        model = build_task_model(CellTransformerForImputation, backbone, config, seed=cfg.seed, cpu=cfg.cpu,
+                                 feature_names=genes, likelihood=cfg.likelihood, task="imputation", **head)
         extra = {"library_size": library}
         if expression is not None:
             extra["expression"] = expression[cells.cell_index]  # (cells, genes), rows as cells
@@ -139,7 +139,7 @@ class Imputer(FinetunedTask):
 
     def predict(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, genes of ``adata``) expected expression in CP10k; NaN where the model has no prediction."""
-        self._require_model()
+        model = self._inference_model()
         features = list(self.model.config.feature_names)
         keys = model_gene_keys(adata, self.tokenizer, self.gene_key, source)
         position = feature_positions(features, keys)
@@ -151,7 +151,7 @@ class Imputer(FinetunedTask):
             logger.warning(f"{source}: {int((~known).sum())} of its {len(keys)} genes were not in training "
                            f"(e.g. {list(keys[~known][:5])}); their denoised values are NaN.")
         out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-        for rows, props in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+        for rows, props in iter_model_outputs(model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                               source=source, chunk_size=self.config.chunk_size,
                                               outputs=lambda o: o.extras["proportions"], extra=self._model_extra(adata, source)):
             block = np.full((len(rows), adata.n_vars), np.nan, dtype=np.float32)

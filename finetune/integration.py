@@ -138,7 +138,8 @@ class Integrator(FinetunedTask):
         head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[train], layer=self.layer,
                                             gene_key=self.gene_key, source=source)
         head.pop("readout")
-        model = build_task_model(CellTransformerForIntegration, backbone, config, seed=cfg.seed, batch_names=names,
+        model = build_task_model(CellTransformerForIntegration, backbone, config, seed=cfg.seed, cpu=cfg.cpu,
+                                 batch_names=names,
                                  feature_names=list(model_gene_keys(adata, self.tokenizer, self.gene_key)[hvg]),
                                  dab_weight=cfg.dab_weight, adversary=cfg.adversary, harmony=cfg.harmony,
                                  task="integration", value_head="bins" if config.value_encoding == "category" else "mse",
@@ -193,13 +194,13 @@ class Integrator(FinetunedTask):
         """(cells, dims) integrated embeddings: [PCs; scaled embedding] with the expression path, else the cell
         embedding; batch-corrected by Harmony over ``adata``'s cells when the model was fitted with ``harmony`` and
         ``batch_key`` is in ``adata.obs`` (Harmony corrects the cells it is given, as scanpy's ``harmony_integrate``)."""
-        self._require_model()
+        model = self._inference_model()
         if self.model.expression_path is None:
             out = super().embed(adata, source=source)
         else:
             dims = self.model.expression_path.out_features + self.model.config.d_model
             out = np.zeros((adata.n_obs, dims), dtype=np.float32)
-            for rows, joint in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer,
+            for rows, joint in iter_model_outputs(model, adata, self.tokenizer, layer=self.layer,
                                                   gene_key=self.gene_key, source=source,
                                                   chunk_size=self.config.chunk_size,
                                                   outputs=lambda o: o.extras["joint_features"],

@@ -192,8 +192,8 @@ class ModalityPredictor(FinetunedTask):
         fit_rows = np.union1d(train, val) if closed_form else train
         head, expression = expression_setup(adata, tokenizer, cfg, cells.cell_index[fit_rows], layer=self.layer,
                                             gene_key=self.gene_key, source=source)
-        model = build_task_model(CellTransformerForModality, backbone, config, seed=cfg.seed, modality=self.modality,
-                                 feature_names=names, task="modality", **head)
+        model = build_task_model(CellTransformerForModality, backbone, config, seed=cfg.seed, cpu=cfg.cpu,
+                                 modality=self.modality, feature_names=names, task="modality", **head)
         x = None if expression is None else expression[cells.cell_index]  # (cells, genes), rows as cells
         if model.expression_path is not None:
             fit_expression_path(model.expression_path, x[fit_rows], cfg.seed)
@@ -267,9 +267,9 @@ class ModalityPredictor(FinetunedTask):
     def predict(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, features) predictions (CLR or accessibility probability) from RNA alone; NaN for cells
         without any vocabulary gene."""
-        self._require_model()
+        model = self._inference_model()
         out = np.full((adata.n_obs, len(self.model.config.feature_names)), np.nan, dtype=np.float32)
-        for rows, pred in iter_model_outputs(self.model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
+        for rows, pred in iter_model_outputs(model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                              source=source, chunk_size=self.config.chunk_size,
                                              outputs=lambda o: o.extras["predictions"],
                                              extra=self._model_extra(adata, source)):

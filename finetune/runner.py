@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from atlasformer.model_zoo.hub import refuse_foreign_model_folder
 from atlasformer.tokenization import input_stem, read_h5ad
 from atlasformer.tokenization.outputs import (
@@ -38,6 +40,17 @@ def prepare_outputs(output: str | Path, data: list, *, reads: tuple = (), overwr
     return prepare_output_folder(output, [*data, *(r for r in reads if r)], overwrite=overwrite, command=command)
 
 
+def launch_state(cpu: bool = False):
+    """This process's place in a launch: accelerate's ``PartialState``, which the fit loop's engine joins too.
+
+    Joined before fitting, so that tasks which run no training loop (a frozen backbone with a closed-form
+    readout) also know their rank and can wait for rank 0.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu or not torch.cuda.is_available())
+
+
 def finetune_file(task, data: str | Path, output: str | Path, *, with_x: bool = False, run_config: dict | None = None,
                   extra_inputs: dict | None = None, queries: tuple = (), overwrite: bool = False) -> dict:
     """Fine-tune ``task`` on ``data`` and write ``<output>/{model/, <stem>.h5ad, metrics.json, *.png}``.
@@ -45,23 +58,38 @@ def finetune_file(task, data: str | Path, output: str | Path, *, with_x: bool = 
     The input is read into memory for training and never modified; outputs are written atomically. The
     output folder is checked first (:func:`prepare_outputs`), with the ``queries`` that will be predicted
     into it later: it may not hold an input and, without ``overwrite``, not hold files atlasformer did not write.
+    Under a multi-process launch every rank fits, rank 0 alone writes, and the others wait until it is done
+    (their summary lists no plots).
     """
     output = Path(output)
     paired = getattr(task, "paired", None)
-    prepare_outputs(output, [data, *queries], reads=(paired if isinstance(paired, (str, Path)) else None,),
-                    overwrite=overwrite, command="finetune")
-    refuse_foreign_model_folder(output / "model", overwrite=overwrite)
+    state = launch_state(getattr(getattr(task, "config", None), "cpu", False))
+    with state.main_process_first():  # every rank checks; rank 0 creates the folder before the others look
+        prepare_outputs(output, [data, *queries], reads=(paired if isinstance(paired, (str, Path)) else None,),
+                        overwrite=overwrite, command="finetune")
+        refuse_foreign_model_folder(output / "model", overwrite=overwrite)
     target_path = output / annotated_name(data)  # checked against the inputs by prepare_outputs
     adata = read_h5ad(data, backed=False)
     source = str(data)
     metrics = task.fit(adata, source=source, **(extra_inputs or {}))
+    summary = {"input": source, "output": str(target_path), "model": str(output / "model"), "validation": metrics,
+               "plots": []}
+    if state.is_main_process:  # the ranks hold the same model: one writer, so none races another in a folder
+        summary = write_fitted(task, adata, output, summary, run_config=run_config, with_x=with_x, overwrite=overwrite)
+    state.wait_for_everyone()
+    return summary
+
+
+def write_fitted(task, adata, output: Path, summary: dict, *, run_config: dict | None, with_x: bool,
+                 overwrite: bool) -> dict:
+    """Write a fitted task's model folder, annotated copy of ``adata``, plots and ``metrics.json`` (the summary,
+    returned with its plots)."""
+    source = summary["input"]
     task.save(output / "model", run_config={**(run_config or {}), "data": [source]}, overwrite=overwrite)
     target = output_adata(adata, with_x)
     task.write_annotated(adata, target, source=source)
-    written = write_h5ad_atomic(target, target_path)
-    plots = task.plots(output)
-    summary = {"input": source, "output": str(written), "model": str(output / "model"), "validation": metrics,
-               "plots": [str(p) for p in plots]}
+    write_h5ad_atomic(target, summary["output"])
+    summary = {**summary, "plots": [str(p) for p in task.plots(output)]}
     (output / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 

@@ -5,8 +5,9 @@ embeddings -> attention -> block -> encoder -> backbone model -> pretraining hea
 The architecture is configurable enough to reproduce scGPT (post-norm, ReLU, gene and value embeddings
 each with their own LayerNorm, summed; continuous or categorical values) and Geneformer (BERT: post-norm,
 GELU, absolute position embeddings, LayerNorm after the sum, no values). Attention is
-``torch.nn.functional.scaled_dot_product_attention`` with a key padding mask, so the flash and
-memory-efficient kernels are used on GPU when available and no flash-attn package is needed.
+``torch.nn.functional.scaled_dot_product_attention``, with a key padding mask only when a batch has padding
+(flash takes none), or FlexAttention over the real tokens (``attention_impl="flex"``); no flash-attn
+package is needed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
+
+from .attention import flex_attention_kernel, has_no_padding, padding_block_mask, sdpa
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -73,6 +76,10 @@ class CellTransformerConfig(PretrainedConfig):
         genes beside the embedding, what the simple baselines see); empty disables it.
     expression_components
         Principal components the expression path projects on (0: the genes themselves).
+    attention_impl
+        ``"sdpa"`` (``scaled_dot_product_attention``, a padding mask when a batch is padded) or ``"flex"``
+        (FlexAttention with a block mask over real tokens: variable-length attention that works with any
+        kernel setting and skips padded blocks; compiled on GPU; needs ``attention_dropout=0``).
     """
 
     model_type = "atlasformer_cell_transformer"
@@ -105,6 +112,7 @@ class CellTransformerConfig(PretrainedConfig):
         readout: Literal["mlp", "linear"] = "mlp",
         expression_genes: list[str] | None = None,
         expression_components: int = 0,
+        attention_impl: Literal["sdpa", "flex"] = "sdpa",
         pad_token_id: int = 0,
         cls_token_id: int = 1,
         mask_token_id: int | None = 2,
@@ -136,6 +144,7 @@ class CellTransformerConfig(PretrainedConfig):
         self.readout = readout
         self.expression_genes = list(expression_genes or [])
         self.expression_components = int(expression_components)
+        self.attention_impl = attention_impl
         self.cls_token_id = cls_token_id
         self.mask_token_id = mask_token_id
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -163,6 +172,10 @@ class CellTransformerConfig(PretrainedConfig):
             raise ValueError(f"gene_head_activation must be one of {list(ACTIVATIONS)}, got {self.gene_head_activation!r}")
         if self.embedding_dropout not in ("sum", "values"):
             raise ValueError(f"embedding_dropout must be 'sum' or 'values', got {self.embedding_dropout!r}")
+        if self.attention_impl not in ("sdpa", "flex"):
+            raise ValueError(f"attention_impl must be 'sdpa' or 'flex', got {self.attention_impl!r}")
+        if self.attention_impl == "flex" and self.attention_dropout:
+            raise ValueError("attention_impl='flex' has no attention dropout; set attention_dropout=0 or use 'sdpa'")
 
     @property
     def mask_value(self) -> float:
@@ -266,12 +279,15 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model)
         self.attention_dropout = config.attention_dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask) -> torch.Tensor:
+        """``attn_mask``: None (no padding), a (batch, 1, 1, seq) bool key mask, or a flex block mask."""
         b, s, d = x.shape
         qkv = self.in_proj(x).view(b, s, 3, self.n_heads, d // self.n_heads)  # (batch, seq, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim)
-        dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a flex block mask
+            out = flex_attention_kernel(q.is_cuda)(q, k, v, block_mask=attn_mask)  # (batch, heads, seq, head_dim)
+        else:
+            out = sdpa(q, k, v, attn_mask, self.attention_dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, s, d))  # (batch, seq, d_model)
 
 
@@ -307,10 +323,21 @@ class CellEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else None
         self.gradient_checkpointing = False
+        self.flex = config.attention_impl == "flex"
+
+    def attention_mask_for(self, attention_mask: torch.Tensor | None, device: torch.device):
+        """What the attention layers get: None without padding (so flash can run), else flex's block mask
+        or a (batch, 1, 1, seq) bool mask, True where a key may be attended to."""
+        if attention_mask is None or has_no_padding(attention_mask):
+            return None
+        real = attention_mask.to(device).bool()  # (batch, seq)
+        # FlexAttention has no CPU backward: CPU training takes the masked SDPA path, which computes the same
+        if self.flex and (device.type != "cpu" or not torch.is_grad_enabled()):
+            return padding_block_mask(real)
+        return real[:, None, None, :]
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        # (batch, 1, 1, seq) boolean: True where a key may be attended to
-        attn_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        attn_mask = self.attention_mask_for(attention_mask, x.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, use_reentrant=False)
@@ -373,7 +400,7 @@ class CellTransformer(CellTransformerPreTrainedModel):
         genes = hidden[:, 1:]  # (batch, seq - 1, d_model)
         if attention_mask is None:
             return genes.mean(1)
-        m = attention_mask[:, 1:, None].to(hidden.dtype)
+        m = attention_mask[:, 1:, None].to(hidden)  # (batch, seq - 1, 1); a CPU mask moves to the GPU
         return (genes * m).sum(1) / m.sum(1).clamp(min=1)
 
     def forward(self, input_ids, values=None, attention_mask=None, conditions=None) -> CellModelOutput:
@@ -394,7 +421,7 @@ class ValueHead(nn.Module):
         self.scalar = config.value_head == "mse"
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.net(hidden)  # (batch, seq, n_bins) or (batch, seq, 1)
+        out = self.net(hidden)  # (..., n_bins) or (..., 1) for hidden (..., d_model)
         return out.squeeze(-1) if self.scalar else out
 
 
@@ -409,7 +436,7 @@ class GeneHead(nn.Module):
         self.decoder = nn.Linear(config.d_model, config.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(self.activation(self.dense(hidden))))  # (batch, seq, vocab)
+        return self.decoder(self.norm(self.activation(self.dense(hidden))))  # (..., vocab) for hidden (..., d_model)
 
 
 class MVCHead(nn.Module):
@@ -421,9 +448,13 @@ class MVCHead(nn.Module):
         self.cell_key = nn.Linear(config.d_model, config.d_model)
 
     def forward(self, gene_embedding: torch.Tensor, cell_embedding: torch.Tensor) -> torch.Tensor:
-        query = torch.sigmoid(self.gene_query(gene_embedding))  # (batch, seq, d_model)
-        key = self.cell_key(cell_embedding)  # (batch, d_model)
-        return torch.einsum("bsd,bd->bs", query, key)  # (batch, seq)
+        """(batch, seq) values from (batch, seq, d_model) genes and (batch, d_model) cells, or (n,) from (n, d_model)
+        genes and the (n, d_model) embeddings of their cells."""
+        query = torch.sigmoid(self.gene_query(gene_embedding))  # (batch, seq, d_model) or (n, d_model)
+        key = self.cell_key(cell_embedding)  # (batch, d_model) or (n, d_model)
+        if query.dim() == 3:
+            key = key[:, None, :]  # (batch, 1, d_model): one cell for all its genes
+        return (query * key).sum(-1)  # (batch, seq) or (n,)
 
 
 def masked_sum_loss(per_token: torch.Tensor, target_mask: torch.Tensor, normalizer) -> torch.Tensor:
@@ -437,9 +468,18 @@ def masked_sum_loss(per_token: torch.Tensor, target_mask: torch.Tensor, normaliz
 class CellTransformerForPretraining(CellTransformerPreTrainedModel):
     """Backbone plus the pretraining heads: masked values, masked genes, MVC.
 
-    Losses are sums over target positions divided by ``loss_normalizer`` (defaults to the local number
-    of targets); the training loop passes the global count over ranks so that N processes compute
-    what one process would.
+    With a ``target_mask`` the heads of the objectives that are on run at the target positions only (the
+    vocabulary decoder at every position would be a fifth of a large model's FLOPs), and losses are sums over
+    the targets divided by ``loss_normalizer`` (defaults to the local number of targets); the training loop
+    passes the global count over ranks so that N processes compute what one process would. Without a
+    ``target_mask`` every head predicts every position (inference, parity with converted models).
+
+    Parameters
+    ----------
+    config
+        The architecture.
+    objective_weights
+        Default for ``forward``'s ``objective_weights``.
     """
 
     def __init__(self, config: CellTransformerConfig, objective_weights: dict[str, float] | None = None):
@@ -448,6 +488,7 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
         self.value_head = ValueHead(config) if config.value_head != "none" else None
         self.gene_head = GeneHead(config) if config.gene_head else None
         self.mvc_head = MVCHead(config) if config.mvc_head else None
+        self.objective_weights = objective_weights
         self.post_init()
 
     def forward(
@@ -462,35 +503,83 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
         loss_normalizer: torch.Tensor | float | None = None,
         objective_weights: dict[str, float] | None = None,
     ) -> CellModelOutput:
+        """Hidden states, cell embedding and, with targets, the weighted losses.
+
+        Parameters
+        ----------
+        input_ids, values, attention_mask, conditions
+            (batch, seq) model inputs as :func:`atlasformer.tokenization.collate` makes them, (batch,) or
+            (batch, keys) condition ids.
+        value_targets, gene_targets, target_mask
+            (batch, seq) targets of the masked-value / MVC and masked-gene objectives, and where they apply.
+        loss_normalizer
+            Divisor of the summed losses (default: the number of targets).
+        objective_weights
+            ``masked_value`` / ``masked_gene`` / ``mvc`` -> weight; a missing or zero-weight objective is off.
+            None: every objective this model has a head for, at weight 1.
+
+        Returns
+        -------
+        CellModelOutput
+            Without ``target_mask``: ``logits`` (batch, seq, n_bins) or (batch, seq) values, ``extras``
+            ``gene_logits`` (batch, seq, vocab) and ``mvc_values`` (batch, seq), as the model has the heads.
+            With it: the loss terms, and the same predictions at the targets only, (n_targets, ...) in
+            ``target_mask.nonzero()`` order, for the objectives that are on.
+        """
         out = self.backbone(input_ids, values, attention_mask, conditions)
-        hidden, cell = out.hidden_states, out.cell_embedding
-        weights = objective_weights or {}
+        hidden, cell = out.hidden_states, out.cell_embedding  # (batch, seq, d_model), (batch, d_model)
+        if target_mask is None:
+            logits, extras = self.predict_every_position(input_ids, hidden, cell)
+            return CellModelOutput(loss_terms={}, logits=logits, cell_embedding=cell, hidden_states=hidden, extras=extras)
+        weights = self.active_objectives(self.objective_weights if objective_weights is None else objective_weights)
+        # the target count sizes the gather: one host sync per forward on a GPU (after the backbone is queued,
+        # so a bubble of one kernel launch), far cheaper than vocabulary logits at every position
+        at = target_mask.flatten().nonzero().squeeze(1)  # (n_targets,) indices into batch * seq
+        rows = hidden.flatten(0, 1).index_select(0, at)  # (n_targets, d_model)
+        normalizer = loss_normalizer if loss_normalizer is not None else max(at.numel(), 1)
         terms: dict[str, torch.Tensor] = {}
         extras: dict[str, torch.Tensor] = {}
         logits = None
-        if self.value_head is not None:
-            logits = self.value_head(hidden)
-            if value_targets is not None and target_mask is not None:
-                if self.config.value_head == "bins":
-                    per_token = F.cross_entropy(logits.float().transpose(1, 2), value_targets.long(), reduction="none")
-                else:
-                    per_token = (logits.float() - value_targets.float()) ** 2
-                terms["masked_value"] = weights.get("masked_value", 1.0) * masked_sum_loss(per_token, target_mask, loss_normalizer)
-        if self.gene_head is not None:
-            gene_logits = self.gene_head(hidden)
-            extras["gene_logits"] = gene_logits
-            if gene_targets is not None and target_mask is not None:
-                per_token = F.cross_entropy(gene_logits.float().transpose(1, 2), gene_targets.long(), reduction="none")
-                terms["masked_gene"] = weights.get("masked_gene", 1.0) * masked_sum_loss(per_token, target_mask, loss_normalizer)
-        if self.mvc_head is not None:
-            gene_emb = self.backbone.embeddings.gene_embedding(input_ids)
-            mvc = self.mvc_head(gene_emb, cell)
-            extras["mvc_values"] = mvc
-            if value_targets is not None and target_mask is not None:
-                per_token = (mvc.float() - value_targets.float()) ** 2
-                terms["mvc"] = weights.get("mvc", 1.0) * masked_sum_loss(per_token, target_mask, loss_normalizer)
+        if "masked_value" in weights and value_targets is not None:
+            logits = self.value_head(rows)  # (n_targets, n_bins) or (n_targets,)
+            target = value_targets.flatten()[at]
+            if self.config.value_head == "bins":
+                per_target = F.cross_entropy(logits.float(), target.long(), reduction="none")
+            else:
+                per_target = (logits.float() - target.float()) ** 2
+            terms["masked_value"] = weights["masked_value"] * per_target.sum() / normalizer
+        if "masked_gene" in weights and gene_targets is not None:
+            extras["gene_logits"] = gene_logits = self.gene_head(rows)  # (n_targets, vocab)
+            per_target = F.cross_entropy(gene_logits.float(), gene_targets.flatten()[at].long(), reduction="none")
+            terms["masked_gene"] = weights["masked_gene"] * per_target.sum() / normalizer
+        if "mvc" in weights and value_targets is not None:
+            genes = self.backbone.embeddings.gene_embedding(input_ids.flatten()[at])  # (n_targets, d_model)
+            extras["mvc_values"] = mvc = self.mvc_head(genes, cell[at // input_ids.shape[1]])  # (n_targets,)
+            per_target = (mvc.float() - value_targets.flatten()[at].float()) ** 2
+            terms["mvc"] = weights["mvc"] * per_target.sum() / normalizer
         loss = sum(terms.values()) if terms else None
         return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=cell, hidden_states=hidden, extras=extras)
+
+    def active_objectives(self, weights: dict[str, float] | None) -> dict[str, float]:
+        """Objective -> weight of the objectives that are on: named with a non-zero weight (all at 1 for None)."""
+        heads = {"masked_value": self.value_head, "masked_gene": self.gene_head, "mvc": self.mvc_head}
+        present = [name for name, head in heads.items() if head is not None]
+        if weights is None:
+            return dict.fromkeys(present, 1.0)
+        active = {name: float(weights[name]) for name in present if weights.get(name, 0.0)}
+        if not active:
+            raise ValueError(f"objective_weights {weights} turn on no objective this model has a head for ({present}).")
+        return active
+
+    def predict_every_position(self, input_ids, hidden, cell) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Every head at every position: (batch, seq, ...) value logits and extras."""
+        logits = self.value_head(hidden) if self.value_head is not None else None
+        extras: dict[str, torch.Tensor] = {}
+        if self.gene_head is not None:
+            extras["gene_logits"] = self.gene_head(hidden)  # (batch, seq, vocab)
+        if self.mvc_head is not None:
+            extras["mvc_values"] = self.mvc_head(self.backbone.embeddings.gene_embedding(input_ids), cell)  # (batch, seq)
+        return logits, extras
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -506,7 +595,7 @@ def matmul_flops_per_token(config: CellTransformerConfig, seq_len: int) -> float
 
 
 def head_flops_per_token(config: CellTransformerConfig) -> float:
-    """Forward FLOPs per token of the pretraining heads (value, masked-gene, MVC) and value encoder."""
+    """Forward FLOPs per predicted position of the pretraining heads (value, masked-gene, MVC)."""
     d = config.d_model
     flops = 0.0
     if config.value_head != "none":
@@ -515,17 +604,33 @@ def head_flops_per_token(config: CellTransformerConfig) -> float:
         flops += 2 * (d * d + d * config.vocab_size)
     if config.mvc_head:
         flops += 2 * (d * d + d)
-    if config.value_encoding == "continuous":
-        flops += 2 * (d + d * d)
     return float(flops)
 
 
-def training_flops(config: CellTransformerConfig, lengths: torch.Tensor) -> float:
+def input_flops_per_token(config: CellTransformerConfig) -> float:
+    """Forward FLOPs per token of the value encoder (continuous values; embeddings are lookups)."""
+    d = config.d_model
+    return float(2 * (d + d * d)) if config.value_encoding == "continuous" else 0.0
+
+
+def training_flops(config: CellTransformerConfig, lengths: torch.Tensor, targets: torch.Tensor | None = None) -> float:
     """FLOPs of one training step (forward + backward = 3x forward) over cells of ``lengths`` tokens.
 
     Counted on real tokens only (``lengths`` excludes padding), so padding shows up as lost utilisation.
+
+    Parameters
+    ----------
+    config
+        The architecture.
+    lengths
+        (cells,) real tokens per cell.
+    targets
+        (cells,) target positions per cell, where the pretraining heads run in training (``target_mask.sum(1)``);
+        None counts the heads at every token.
     """
     lengths = lengths.double()
-    per_cell = lengths * (matmul_flops_per_token(config, 0) + head_flops_per_token(config))
+    predicted = lengths if targets is None else targets.double()
+    per_cell = lengths * (matmul_flops_per_token(config, 0) + input_flops_per_token(config))
+    per_cell += predicted * head_flops_per_token(config)
     per_cell += config.n_layers * 4 * config.d_model * lengths**2  # attention scores and weighted values
     return float(3 * per_cell.sum())

@@ -220,37 +220,58 @@ def save_checkpoint(engine, model, optimizer, scheduler, order, run_dir: str | P
         write_checksums(tmp)  # after every other file, so that a resume can tell a damaged checkpoint
         _fsync_tree(tmp)
         (tmp / MARKER).write_text(str(step))
+        _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        _fsync_dir(root)  # the rename itself is an entry of the parent folder
         prune_checkpoints(run_dir, keep_last)
     engine.barrier()
     return final
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush every file to disk before the marker is written, so a power cut cannot reorder them."""
+    """Flush every file and folder entry to disk before the marker is written, so a power cut cannot reorder them."""
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (new files, renames): a file's own fsync does not cover its name."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return  # Windows cannot open folders; NTFS journals their entries
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(engine, model, optimizer, scheduler, order, folder: Path) -> int:
     """Restore model, optimizer, scheduler, this rank's RNG and data position; returns the step.
 
-    Tensors are read through safetensors or weights-only pickles only. A model of another shape than the
-    checkpoint's (other data or config) is refused before any weight is read.
+    Tensors are read through safetensors or weights-only pickles only. Another strategy, number of
+    processes, model shape (other data or config) or data order than the checkpoint's is refused before
+    any weight is read.
     """
     state = _trainer_state(folder)
     saved_strategy = state.get("strategy", engine.strategy)
     if saved_strategy != engine.strategy:
         raise ValueError(f"{folder} was written with strategy={saved_strategy}; resume with the same strategy "
                          f"(or export it and start a new run with init_from).")
+    saved_world = state.get("world_size", engine.world_size)
+    if saved_world != engine.world_size:
+        raise InputError(f"checkpoint {folder.name} was written by {saved_world} process(es), this run has "
+                         f"{engine.world_size}: each process's data position depends on their number. Resume with "
+                         f"{saved_world} processes, or start a new run with init_from=<exported model folder>.")
     check_same_model(folder, state.get("model"), getattr(engine.unwrap(model), "config", None))
+    data = state["data"]
+    order.load_state_dict(data[engine.rank] if engine.rank < len(data) else data[0])  # checks the data settings
     engine.load_state(model, optimizer, folder)
     scheduler.load_state_dict(load_weights_only(folder / "scheduler.pt", fix=CHECKPOINT_FIX))
-    data = state["data"]
-    order.load_state_dict(data[engine.rank] if engine.rank < len(data) else data[0])
     if (folder / f"rng_rank{engine.rank}.json").exists():
         set_rng_state(_rng_from_files(folder, engine.rank))
     return int(state["step"])

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MethodType
 from typing import ClassVar
 
 import torch
@@ -227,12 +228,15 @@ class BaseEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
-    def step(self, model, optimizer, max_norm: float) -> float | None:
-        """Clip (when ``max_norm`` > 0), step and zero the gradients; returns the pre-clip norm."""
+    def step(self, model, optimizer, max_norm: float) -> torch.Tensor | float | None:
+        """Clip (when ``max_norm`` > 0), step and zero the gradients; returns the pre-clip norm.
+
+        The norm stays a tensor on the device: reading it waits for the GPU, so the loop does at log intervals.
+        """
         norm = self.clip_grad_norm(model, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return None if norm is None else float(norm)
+        return norm
 
     def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor | None:
         if max_norm <= 0:
@@ -246,6 +250,14 @@ class BaseEngine:
             value = value.clone()
             dist.all_reduce(value)
         return value
+
+    def broadcast_from_main(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank: a decision all ranks must take together (early stopping)."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return float(tensor.item())
 
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj`` on every rank (small, picklable Python objects only)."""
@@ -299,21 +311,43 @@ def forget_single_process_accelerator_state(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def drop_fp32_output_copy(model: torch.nn.Module) -> None:
+    """Keep accelerate's autocast around ``model.forward``, but not its fp32 copy of every output tensor.
+
+    Under bf16 / fp16 accelerate converts the whole output (hidden states, vocabulary-sized logits) to
+    fp32 after each forward; only the loss needs fp32, and the model computes its losses in fp32.
+    """
+    from accelerate.utils.operations import ConvertOutputsToFp32
+
+    bound = hasattr(model.forward, "__func__")
+    converter = getattr(model.forward.__func__ if bound else model.forward, "__wrapped__", None)
+    if isinstance(converter, ConvertOutputsToFp32):
+        forward = converter.model_forward  # the autocast-wrapped forward
+        model.forward = MethodType(forward, model) if bound else forward
+
+
 @dataclass
 class Engine(BaseEngine):
     """``ddp`` through accelerate's ``Accelerator`` (one process, or DDP under any launcher)."""
 
+    fp32_outputs: bool = True
+    """Under bf16 / fp16, let accelerate copy every output tensor to fp32 (pretraining turns it off)."""
+    find_unused_parameters: bool = False
+    """Let DDP find the parameters a step leaves unused (fine-tuning: a backbone's condition tokens, a pretraining
+    head); without it a second step fails. Costs a graph traversal per step."""
     strategy: ClassVar[str] = "ddp"
     _uses_autocast: ClassVar[bool] = False  # accelerate's autocast is used instead
 
     def _start(self) -> torch.device:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
         forget_single_process_accelerator_state(PRECISIONS[self.precision])
         self.accelerator = Accelerator(
             mixed_precision=PRECISIONS[self.precision],
             gradient_accumulation_steps=self.grad_accum,
             cpu=self.cpu or not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.find_unused_parameters)],
         )
         return self.accelerator.device
 
@@ -329,7 +363,10 @@ class Engine(BaseEngine):
         model = self._apply_model_options(model)
         if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(list(model.parameters()))
-        return self.accelerator.prepare(model, optimizer)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if not self.fp32_outputs:
+            drop_fp32_output_copy(self.accelerator.unwrap_model(model))
+        return model, optimizer
 
     def accumulate(self, model):
         return self.accelerator.accumulate(model)
@@ -352,7 +389,7 @@ class Engine(BaseEngine):
             return None
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
-    def step(self, model, optimizer, max_norm: float) -> float | None:
+    def step(self, model, optimizer, max_norm: float) -> torch.Tensor | float | None:
         if not self.accelerator.sync_gradients:
             raise RuntimeError("Engine.step called before the last micro-batch of an accumulation window")
         return super().step(model, optimizer, max_norm)
@@ -406,8 +443,12 @@ class FSDPEngine(BaseEngine):
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[self.precision], reduce_dtype=torch.float32)
         for block in encoder_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy)  # each block casts its hidden-state input
+        # the root's inputs stay as given: regression targets and continuous values keep fp32 (the value
+        # encoder casts values to its weights' dtype itself)
+        root_policy = MixedPrecisionPolicy(param_dtype=DTYPES[self.precision], reduce_dtype=torch.float32,
+                                           cast_forward_inputs=False)
+        fully_shard(model, mesh=mesh, mp_policy=root_policy)
         return model, optimizer(list(model.parameters()))
 
     def _no_sync(self, model, sync: bool):
@@ -522,10 +563,9 @@ class DeepSpeedEngine(BaseEngine):
         self._model.backward(loss)  # divides by gradient_accumulation_steps
         self._model.step()  # a no-op except at accumulation boundaries, where it clips, steps and zeroes
 
-    def step(self, model, optimizer, max_norm: float) -> float | None:
+    def step(self, model, optimizer, max_norm: float) -> torch.Tensor | float | None:
         """The optimizer step already ran in the last micro-batch's :meth:`backward`; returns its norm."""
-        norm = model.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        return model.get_global_grad_norm()  # read at log intervals, as the other engines' norms
 
     def unwrap(self, model):
         return model.module
@@ -621,4 +661,6 @@ def make_engine(cfg) -> BaseEngine:
     if cfg.strategy == "deepspeed":
         return DeepSpeedEngine(**common, zero_stage=cfg.zero_stage, offload=cfg.offload,
                                deepspeed_config=cfg.deepspeed_config)
+    if cfg.strategy == "ddp":
+        return Engine(**common, fp32_outputs=False)  # the losses are fp32; the other outputs are not read
     return ENGINES[cfg.strategy](**common)

@@ -87,9 +87,31 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]))
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this process's global RNGs (dropout) from ``(seed, rank)``; called once the model is built.
+
+    Every rank builds the model from ``seed`` itself, so the initial weights agree without a broadcast
+    (FSDP and ZeRO-3 have none); dropout then draws other masks on each rank, as for other cells.
+    """
+    from accelerate.utils import set_seed
+
+    set_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's tensors of ``batch`` on ``device``.
+
+    To a GPU they are copied from pinned memory without blocking: a copy from pageable memory waits
+    for every queued kernel, and a non-blocking one overlaps the step's earlier micro-batches.
+    """
     keys = ("input_ids", "values", "attention_mask", "conditions", "value_targets", "gene_targets", "target_mask")
-    return {k: batch[k].to(device) for k in keys if k in batch}
+    if "attention_mask" in batch and batch["attention_mask"].numpy().all():
+        # checked on the host, before the copy: a batch without padding needs no mask, so flash attention can run
+        keys = tuple(k for k in keys if k != "attention_mask")
+    if torch.device(device).type != "cuda":
+        return {k: batch[k].to(device) for k in keys if k in batch}
+    pinned = {k: batch[k] if batch[k].is_pinned() else batch[k].pin_memory() for k in keys if k in batch}
+    return {k: v.to(device, non_blocking=True) for k, v in pinned.items()}
 
 
 # ------------------------------------------------------------------------------------ set-up helpers
@@ -182,7 +204,8 @@ def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, n_conditions: int)
     kind = tokenizer.config.kind
     arch = {
         "value_encoding": {"binned": "category", "continuous": "continuous", "rank": "none"}[kind],
-        "value_head": {"binned": "bins", "continuous": "mse", "rank": "none"}[kind],
+        # no value head without its objective: an unused head makes multi-process DDP fail
+        "value_head": {"binned": "bins", "continuous": "mse", "rank": "none"}[kind] if "masked_value" in cfg.objectives else "none",
         "gene_head": kind == "rank" or "masked_gene" in cfg.objectives,
         "mvc_head": "mvc" in cfg.objectives,
         "max_position_embeddings": tokenizer.config.max_seq_len + 1 if kind == "rank" else 0,
@@ -227,7 +250,7 @@ def next_train_batch(order, cells, train_rows, conditions, tokenizer, cfg, model
 def evaluate(model, engine: BaseEngine, cells, rows, conditions, tokenizer, cfg, model_config) -> dict[str, float]:
     """Held-out masked losses (sum over targets / number of targets), each rank taking every N-th batch."""
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}  # on the device, read once at the end
     count = torch.zeros((), dtype=torch.float64)
     batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][: cfg.eval_batches]
     for first in range(0, len(batches), engine.world_size):
@@ -241,11 +264,12 @@ def evaluate(model, engine: BaseEngine, cells, rows, conditions, tokenizer, cfg,
         if i >= len(batches):
             continue
         for name, term in out.loss_terms.items():
-            sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + term.double().cpu()
+            sums[name] = sums.get(name, 0.0) + term.detach().double()
         count += batch["target_mask"].sum()
     model.train()
     names = sorted(sums) or [n for n in ("masked_value", "masked_gene", "mvc") if n in cfg.objectives]
-    stacked = torch.stack([sums.get(n, torch.zeros((), dtype=torch.float64)) for n in names] + [count])
+    zero = torch.zeros((), dtype=torch.float64, device=engine.device)
+    stacked = torch.stack([sums.get(n, zero).to(engine.device) for n in names] + [count.to(engine.device)])
     stacked = engine.sum_across_ranks(stacked).cpu()
     total = float(stacked[-1]) or 1.0
     out = {f"eval/{n}": float(stacked[i]) / total for i, n in enumerate(names)}
@@ -331,6 +355,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
 
     # model, optimizer, schedule
     model = make_model(cfg, tokenizer, len(condition_names))
+    seed_rank(cfg.seed, engine.rank)  # the same initial weights on every rank, but not the same dropout
     model.config.condition_names = condition_names
     model_config = model.config
     log(f"model: {count_parameters(model):,} parameters ({model_config.n_layers} layers, d_model {model_config.d_model}); "
@@ -366,29 +391,31 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
                                  step_generator(cfg.seed, step, micro * engine.world_size + engine.rank, 0))
                 for micro in range(cfg.grad_accum)
             ]
-            # normalise by the global target count so N processes compute what one process would
-            local_targets = torch.tensor(float(sum(int(b["target_mask"].sum()) for b in micro_batches)))
-            global_targets = engine.sum_across_ranks(local_targets).item()
-            normalizer = max(global_targets, 1.0) / (engine.world_size * cfg.grad_accum)
-            step_terms: dict[str, float] = {}
-            for batch in micro_batches:
+            inputs = [model_inputs(b, engine.device) for b in micro_batches]  # all copies queued up front
+            # normalise by the global target count so N processes compute what one process would; the
+            # count, the losses and the norm stay on the device (reading one waits for the GPU) until a log line
+            local_targets = torch.stack([x["target_mask"].sum() for x in inputs]).sum().float()
+            normalizer = engine.sum_across_ranks(local_targets).clamp(min=1.0) / (engine.world_size * cfg.grad_accum)
+            step_terms: dict[str, torch.Tensor] = {}
+            for batch in inputs:
                 with engine.accumulate(model):
                     with engine.autocast():
-                        out = model(**model_inputs(batch, engine.device), loss_normalizer=normalizer,
-                                    objective_weights=cfg.objectives)
+                        out = model(**batch, loss_normalizer=normalizer, objective_weights=cfg.objectives)
                     engine.backward(out.loss)
                 for name, term in out.loss_terms.items():
-                    step_terms[name] = step_terms.get(name, 0.0) + float(term.detach())
+                    step_terms[name] = step_terms.get(name, 0.0) + term.detach()
             grad_norm = engine.step(model, optimizer, cfg.clip_grad)  # clip, step, zero the gradients
             scheduler.step()
             step += 1
             cells_seen += cfg.batch_size * cfg.grad_accum * engine.world_size
-            lengths = [b["attention_mask"].sum(1) for b in micro_batches]  # non-pad tokens per cell
-            tokens_seen += float(sum(int(n.sum()) for n in lengths))
-            flops_seen += sum(training_flops(model_config, n) for n in lengths)
+            lengths = [b["attention_mask"].sum(1) for b in micro_batches]  # non-pad tokens per cell, on the host
+            tokens_seen += float(sum(n.numpy().sum() for n in lengths))
+            flops_seen += sum(training_flops(model_config, n, b["target_mask"].sum(1))  # heads run at targets only
+                              for n, b in zip(lengths, micro_batches))
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                totals = torch.tensor([step_terms[k] for k in sorted(step_terms)] + [tokens_seen, flops_seen], dtype=torch.float64)
+                counts = torch.tensor([tokens_seen, flops_seen], dtype=torch.float64, device=engine.device)
+                totals = torch.cat([*(step_terms[k].double().reshape(1) for k in sorted(step_terms)), counts])
                 *terms, tokens_all, flops_all = engine.sum_across_ranks(totals).tolist()
                 terms = [t / (engine.world_size * cfg.grad_accum) for t in terms]
                 elapsed = time.perf_counter() - tick

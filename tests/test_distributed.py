@@ -9,7 +9,9 @@ steps, its held-out loss and its exported weights:
 - DeepSpeed ZeRO-3 through ``scripts/launch_torchrun.sh`` as two "nodes" (two torchrun agents meeting
   at a c10d rendezvous, one process each);
 - DeepSpeed ZeRO-2 through ``scripts/slurm_pretrain.sbatch`` as two nodes, with stand-ins for
-  ``scontrol`` and ``srun`` (``srun`` starts the node command once per node).
+  ``scontrol``, ``srun`` (starts the node command once per node) and ``torchrun``, which refuse a step
+  without the CPU count, a process count other than ``SLURM_GPUS_ON_NODE`` and a port not derived
+  from the job id, as a real cluster would fail or misbehave.
 
 FSDP and ZeRO-3 runs resumed from their sharded checkpoints must continue exactly. The venv's python
 stands in for the ``torchrun`` and ``accelerate`` commands.
@@ -38,14 +40,74 @@ SCRIPTS = REPO / "scripts"
 TORCH_RUN = f"{sys.executable} -m torch.distributed.run"
 SINGLE = ([sys.executable, "-m", "atlasformer.cli", "pretrain"], {}, 1)
 SRUN = """#!/usr/bin/env bash
-# srun stand-in: drop srun's options, run the command once per node, fail if any node fails
-while [[ "$1" == --* ]]; do shift; done
+# srun stand-in: refuse a step without the CPU count (since Slurm 22.05 srun does not inherit
+# --cpus-per-task, and every task would share one core), then run the command once per node
+cpus=${SRUN_CPUS_PER_TASK:-}
+while [[ "$1" == -* ]]; do
+    case "$1" in
+        --cpus-per-task=*) cpus=${1#*=} ;;
+        --cpus-per-task|-c) cpus=$2; shift ;;
+    esac
+    shift
+done
+if [[ "$cpus" != "$SLURM_CPUS_PER_TASK" ]]; then
+    echo "srun: got ${cpus:-no} --cpus-per-task / SRUN_CPUS_PER_TASK, the job has $SLURM_CPUS_PER_TASK" >&2
+    exit 1
+fi
 pids=()
 for _ in $(seq "$SLURM_NNODES"); do "$@" & pids+=($!); done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 exit $status
 """
+TORCHRUN = """#!/usr/bin/env bash
+# torchrun stand-in: refuse a process count other than the node's GPUs and a port not derived from the job
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --nproc_per_node) nproc=${args[i + 1]} ;;
+        --rdzv_endpoint) port=${args[i + 1]##*:} ;;
+    esac
+done
+if [[ "${nproc:-}" != "$SLURM_GPUS_ON_NODE" ]]; then
+    echo "torchrun: --nproc_per_node ${nproc:-unset}, but SLURM_GPUS_ON_NODE=$SLURM_GPUS_ON_NODE" >&2
+    exit 1
+fi
+if [[ "${port:-}" != "$((20000 + SLURM_JOB_ID % 20000))" ]]; then
+    echo "torchrun: port ${port:-unset} is not derived from SLURM_JOB_ID=$SLURM_JOB_ID" >&2
+    exit 1
+fi
+exec {run} "$@"
+"""
+
+
+def slurm_bin(tmp_path: Path, run: str = TORCH_RUN) -> Path:
+    """A folder of stand-ins for ``srun``, ``scontrol`` and ``torchrun`` (which runs ``run``)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in {"srun": SRUN, "scontrol": "#!/usr/bin/env bash\necho 127.0.0.1\n",
+                       "torchrun": TORCHRUN.replace("{run}", run)}.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def slurm_env(job_id: int, gpus: int = 1, cpus: int = 1) -> dict[str, str]:
+    """What SLURM sets for a job of two nodes."""
+    return {"SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2", "SLURM_JOB_ID": str(job_id),
+            "SLURM_CPUS_PER_TASK": str(cpus), "SLURM_GPUS_ON_NODE": str(gpus)}
+
+
+def free_job_port() -> int:
+    """A free port in the template's job-derived range (20000 + job id % 20000)."""
+    for port in range(20000 + os.getpid() % 20000, 40000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000..39999")
 
 
 def launcher(kind: str, tmp_path: Path) -> tuple[list[str], dict, int]:
@@ -61,16 +123,10 @@ def launcher(kind: str, tmp_path: Path) -> tuple[list[str], dict, int]:
         return (["bash", str(SCRIPTS / "launch_torchrun.sh")],
                 {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                  "RDZV_ID": f"test-{port}", "TORCHRUN": TORCH_RUN}, 2)
-    # SLURM: two nodes of one process each
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name, body in {"srun": SRUN, "scontrol": "#!/usr/bin/env bash\necho 127.0.0.1\n",
-                       "torchrun": f"#!/usr/bin/env bash\nexec {TORCH_RUN} \"$@\"\n"}.items():
-        (bin_dir / name).write_text(body)
-        (bin_dir / name).chmod(0o755)
+    # SLURM: two nodes of one process each, on a job id whose derived port is free
+    bin_dir = slurm_bin(tmp_path)
     return (["bash", str(SCRIPTS / "slurm_pretrain.sbatch")],
-            {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2",
-             "SLURM_JOB_ID": port, "SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "1", "MASTER_PORT": port}, 1)
+            {"PATH": f"{bin_dir}:{os.environ['PATH']}", **slurm_env(job_id=free_job_port() - 20000)}, 1)
 
 
 def free_port() -> int:
@@ -85,7 +141,7 @@ def pretrain(launch: tuple[list[str], dict, int], data: Path, output: Path, *ove
     prefix, launcher_env, nodes = launch
     command = [*prefix, "--data", str(data), "--output", str(output), "--config", TINY,
                *(["--resume"] if resume else []), *overrides]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "GPUS_PER_NODE")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **launcher_env)
     # one command per node (each node's torchrun agent joins the same rendezvous)
     procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,6 +12,8 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
+import yaml
 
 import atlasformer
 from atlasformer.model_zoo.hub import SHIPPED_MODELS, shipped_model_folder
@@ -27,8 +29,10 @@ def test_the_shipped_model_loads_offline_by_name(monkeypatch):
     folder = shipped_model_folder(NAME)
     assert (folder / "model.safetensors").stat().st_size < 10 * 2**20
     card = (folder / "README.md").read_text()
-    assert "kang_pbmc_8donors.h5ad" in card and "- steps: 4000" in card and "held-out loss at step 4000" in card
+    steps = yaml.safe_load((ROOT / "configs/pretrain/public_small.yaml").read_text())["max_steps"]  # its recipe
+    assert "kang_pbmc_8donors.h5ad" in card and f"- steps: {steps}" in card and f"held-out loss at step {steps}" in card
     assert "/work/" not in card and "../" not in card  # no local path of the machine that built it
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def cells_with_vocabulary_genes(n_cells=40, n_genes=300, seed=0):
@@ -111,6 +115,17 @@ def test_ship_and_compare_scripts_round_trip(tmp_path, sim_adata):
     differ = subprocess.run([sys.executable, str(script / "compare_weights.py"), str(run / "model"),
                              str(tmp_path / "shipped")], capture_output=True, text=True, check=True)
     assert name in differ.stdout and json.loads(differ.stdout.splitlines()[-1])["identical"] is False
+
+    # float16 storage (a wider model under the 10 MiB budget): loads as float32, compares after the same rounding
+    subprocess.run([sys.executable, str(script / "ship_model.py"), str(run), str(tmp_path / "half"), "12", "1", "float16"],
+                   check=True, capture_output=True)
+    assert {t.dtype for t in load_file(str(tmp_path / "half" / "model.safetensors")).values()} == {np.dtype("float16")}
+    half, _ = atlasformer.from_pretrained(tmp_path / "half")
+    assert {p.dtype for p in half.parameters()} == {torch.float32}
+    assert "| stored weights | float16 (loaded as float32) |" in (tmp_path / "half" / "README.md").read_text()
+    rounded = subprocess.run([sys.executable, str(script / "compare_weights.py"), str(run / "model"),
+                              str(tmp_path / "half")], capture_output=True, text=True, check=True)
+    assert json.loads(rounded.stdout.splitlines()[-1])["identical"] is True
 
 
 def test_quickstart_on_a_users_file_starts_from_the_shipped_model(tmp_path):

@@ -18,12 +18,33 @@ import torch
 from .tokenizer import TokenizedCells
 
 
-def collate(cells: TokenizedCells, rows: np.ndarray, *, cls_id: int, pad_id: int, pad_multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Pad the cells at ``rows`` into one batch (lengths rounded up to ``pad_multiple`` for fast kernels)."""
+def collate(cells: TokenizedCells, rows: np.ndarray, *, cls_id: int, pad_id: int, pad_multiple: int = 8,
+            max_width: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad the cells at ``rows`` into one batch.
+
+    Parameters
+    ----------
+    cells
+        The cells to draw from.
+    rows
+        Positions in ``cells`` of the batch's cells, in batch order.
+    cls_id, pad_id
+        Vocabulary ids of ``<cls>`` (first token of every cell) and ``<pad>``.
+    pad_multiple
+        The width is rounded up to a multiple of this (aligned shapes for fast kernels) ...
+    max_width
+        ... but never beyond ``max_width`` tokens, ``<cls>`` included: pass ``1 + tokenizer.config.max_seq_len``,
+        the model's position table under rank-value input. Default: ``1 +`` the longest cell in ``cells``,
+        which also fits the model and costs one pass over ``cells.offsets``.
+
+    Returns
+    -------
+    dict of torch.Tensor
+        ``input_ids``, ``values``, ``attention_mask`` and ``rows`` as described in this module's docstring.
+    """
     rows = np.asarray(rows, dtype=np.int64)
     lengths = cells.lengths[rows]
-    width = 1 + int(lengths.max(initial=0))
-    width = -(-width // pad_multiple) * pad_multiple
+    width = batch_width(1 + int(lengths.max(initial=0)), pad_multiple, max_width, cells)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     values = np.zeros((len(rows), width), dtype=np.float32)
     input_ids[:, 0] = cls_id
@@ -39,6 +60,23 @@ def collate(cells: TokenizedCells, rows: np.ndarray, *, cls_id: int, pad_id: int
         "attention_mask": torch.from_numpy(attention_mask),
         "rows": torch.from_numpy(rows),
     }
+
+
+def batch_width(needed: int, pad_multiple: int, max_width: int | None, cells: TokenizedCells) -> int:
+    """``needed`` tokens rounded up to ``pad_multiple``, capped so that the padding never outgrows the model.
+
+    Rounding past the longest cell the tokenizer makes would overflow a position table of exactly
+    ``max_seq_len + 1`` entries (4,096 genes padded to 4,104 tokens against 4,097 positions).
+    """
+    if max_width is not None and needed > max_width:
+        raise ValueError(f"a cell of {needed - 1} genes does not fit max_width={max_width} tokens (<cls> included); "
+                         "tokenize with max_seq_len <= max_width - 1.")
+    rounded = -(-needed // pad_multiple) * pad_multiple
+    if rounded == needed:
+        return needed
+    if max_width is None:  # no cell in the collection is longer than what the model was built for
+        max_width = 1 + int(cells.lengths.max(initial=0))
+    return min(rounded, max_width)
 
 
 @dataclass
