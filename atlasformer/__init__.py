@@ -1,9 +1,10 @@
 """atlasformer: pretrain single-cell foundation models on AnnData and fine-tune them.
 
 The root package holds only the CLI, the YAML loader and this public API; the stages live in
-``atlasformer.tokenization``, ``atlasformer.model_zoo``, ``atlasformer.pretrain`` and
-``atlasformer.finetune``. Names are resolved lazily, so importing a stage (e.g. model_zoo, which never
-imports anndata) does not import the others. ``atlasformer.settings.verbosity`` sets how much they tell you.
+``atlasformer.tokenization``, ``atlasformer.model_zoo``, ``atlasformer.checkpoints`` (model folders),
+``atlasformer.pretrain`` and ``atlasformer.finetune``. Names are resolved lazily, so importing a stage
+(e.g. model_zoo, which never imports anndata) does not import the others. ``atlasformer.settings.verbosity``
+sets how much they tell you.
 """
 
 from __future__ import annotations

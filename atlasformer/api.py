@@ -7,9 +7,8 @@ import os
 import anndata as ad
 import numpy as np
 
+from atlasformer.checkpoints import load_model_folder, resolve_model
 from atlasformer.finetune.common import iter_model_outputs, record_provenance, to_inference_device
-from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import load_model_folder
 
 
 def from_pretrained(model: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None,
@@ -21,7 +20,7 @@ def from_pretrained(model: str | os.PathLike, *, revision: str | None = None, su
     model
         Local folder or Hugging Face hub id (resolved through huggingface_hub's cache; honours
         ``HF_HUB_OFFLINE``). Folders and repositories in scGPT or Geneformer format are converted on
-        first use and the result cached (see ``atlasformer.pretrain.convert.resolve_model``).
+        first use and the result cached (see ``atlasformer.checkpoints.resolve_model``).
     revision
         Hub branch, tag or commit.
     subfolder

@@ -23,7 +23,7 @@ from atlasformer.config import ConfigError, configs_root, load_config, to_plain
 logger = logging.getLogger("atlasformer.cli")  # not __name__: "__main__" under python -m atlasformer.cli
 
 # ----------------------------------------------------------------------------------------- flags
-SHIPPED_MODEL = "atlasformer-public-small"  # model_zoo.hub.SHIPPED_MODELS (named here so --help needs no torch)
+SHIPPED_MODEL = "atlasformer-public-small"  # checkpoints.SHIPPED_MODELS (named here so --help needs no torch)
 def overrides_help(example: str) -> str:
     """The --help epilog naming the command's own overrides (tests/test_docs_commands.py parses the example)."""
     return f"Configuration overrides follow the flags as KEY=VALUE, e.g. {example}."
@@ -68,14 +68,16 @@ def single_input(args) -> str:
 def resolved_model(args):
     if not args.model:
         return None
-    from atlasformer.pretrain.convert import resolve_model
+    from atlasformer.checkpoints import resolve_model
 
     # scGPT / Geneformer folders and repositories are converted on the fly (and cached)
     return resolve_model(args.model, revision=getattr(args, "revision", None), subfolder=getattr(args, "subfolder", None))
 
 
 # ----------------------------------------------------------------------------------------- commands
-TASKS = ["annotation", "integration", "imputation", "modality"]
+TASK_NAMES = ("annotation", "integration", "imputation", "modality")
+"""The keys of ``atlasformer.finetune.TASKS``, named here so --help needs no torch (tests/test_task_contract.py
+checks they agree); everything else looks tasks up in that mapping."""
 
 
 def cmd_pretrain(args) -> int:
@@ -145,23 +147,31 @@ def finetune_config(args, task: str):
     return load_config(FinetuneConfig, args.config, args.overrides, base=base)
 
 
-def make_task(task: str, args, cfg):
-    """The user-facing task object for ``task`` (a plain lookup)."""
-    from atlasformer.finetune import Annotator, Imputer, Integrator, ModalityPredictor
+def task_class(task: str) -> type:
+    """The class of ``task`` in ``atlasformer.finetune.TASKS``."""
+    from atlasformer.finetune import TASKS
 
-    keys = {"layer": args.layer, "gene_key": args.gene_key, "batch_key": args.batch_key}
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}.")
+    return TASKS[task]
+
+
+def constructor_keys(cls: type, values: dict) -> dict:
+    """The entries of ``values`` that ``cls``'s constructor takes, by name (the flag ``--labels-key`` is
+    ``labels_key``, ``--paired`` is ``paired``); ``model`` and ``config`` are passed by the caller."""
+    import inspect
+
+    names = set(inspect.signature(cls).parameters) - {"model", "config"}
+    return {name: value for name, value in values.items() if name in names}
+
+
+def make_task(task: str, args, cfg):
+    """The user-facing task object for ``task``, built from the command's flags."""
+    cls = task_class(task)
     model = None if cfg.from_scratch else resolved_model(args)
-    builders = {
-        "annotation": lambda: Annotator(model, cfg, labels_key=_require(args, "labels_key"), **keys),
-        "integration": lambda: Integrator(model, cfg, labels_key=args.labels_key,
-                                          **{**keys, "batch_key": _require(args, "batch_key")}),
-        "imputation": lambda: Imputer(model, cfg, **keys),
-        "modality": lambda: ModalityPredictor(model, cfg, modality=args.modality, paired=args.paired,
-                                              paired_obsm=args.paired_obsm, **keys),
-    }
-    if task not in builders:
-        raise ConfigError(f"unknown task {task!r}; choose from {sorted(builders)}.")
-    return builders[task]()
+    for name in cls.required_keys:
+        _require(args, name)
+    return cls(model, cfg, **constructor_keys(cls, vars(args)))
 
 
 def _require(args, name: str) -> str:
@@ -230,19 +240,17 @@ def _flatten(name: str, value) -> dict:
 
 
 def load_task(task: str, args, cfg):
-    """A fitted task object from a fine-tuned folder."""
-    from atlasformer.finetune import Annotator, Imputer, Integrator, ModalityPredictor
-
+    """A fitted task object from a fine-tuned folder, with the obs keys its predictions use (``--batch-key`` for
+    integration: Harmony corrects over the query's batches). A key the task's predictions do not use is
+    refused rather than ignored."""
+    cls = task_class(task)
     keys = {"layer": args.layer, "gene_key": args.gene_key}
-    loaders = {
-        "annotation": lambda folder: Annotator.load(folder, cfg, **keys),
-        "integration": lambda folder: Integrator.load(folder, cfg, **keys),
-        "imputation": lambda folder: Imputer.load(folder, cfg, **keys),
-        "modality": lambda folder: ModalityPredictor.load(folder, cfg, **keys),
-    }
-    if task not in loaders:
-        raise ConfigError(f"unknown task {task!r}; choose from {sorted(loaders)}.")
-    return loaders[task](resolved_model(args))
+    if args.batch_key:
+        if "batch_key" not in cls.prediction_keys:
+            raise ConfigError(f"predict {task} does not use --batch-key (its predictions need no batches); leave it "
+                              "out. Only integration takes it: Harmony corrects over the query's batches.")
+        keys["batch_key"] = args.batch_key
+    return cls.load(resolved_model(args), cfg, **keys)
 
 
 def cmd_predict(args) -> int:
@@ -254,6 +262,12 @@ def cmd_predict(args) -> int:
     prepare_outputs(args.output, files, reads=(args.model,), overwrite=args.overwrite, command="predict")
     cfg = finetune_config(args, args.task)
     task = load_task(args.task, args, cfg)
+    if args.batch_key:  # a batch column named on the command line must be in every query
+        from atlasformer.tokenization import read_h5ad
+        from atlasformer.tokenization.anndata_io import check_obs_key
+
+        for data in files:
+            check_obs_key(read_h5ad(data, backed=True).obs, args.batch_key, source=str(data), what="batch_key")
     for data in files:
         print(f"wrote {predict_file(task, data, args.output, with_x=args.with_x)}")
     return 0
@@ -338,18 +352,14 @@ def cmd_quickstart(args) -> int:
 
 
 def quickstart_heads(model_dir, cfg, *, labels_key: str, batch_key: str | None, paired, layer: str | None) -> dict:
-    """The task objects the quickstart fine-tunes: annotation and imputation always, integration with a batch
-    key, RNA -> protein with paired protein counts."""
-    from atlasformer.finetune import Annotator, Imputer, Integrator, ModalityPredictor
+    """The task objects the quickstart fine-tunes, in ``TASKS`` order: annotation and imputation always,
+    integration with a batch key, RNA -> protein with paired protein counts."""
+    from atlasformer.finetune import TASKS
 
-    heads = {"annotation": Annotator(model_dir, cfg, labels_key=labels_key, batch_key=batch_key, layer=layer)}
-    if batch_key:
-        heads["integration"] = Integrator(model_dir, cfg, labels_key=labels_key, batch_key=batch_key, layer=layer)
-    heads["imputation"] = Imputer(model_dir, cfg, batch_key=batch_key, layer=layer)
-    if paired:
-        heads["modality"] = ModalityPredictor(model_dir, cfg, modality="protein", paired=paired, batch_key=batch_key,
-                                              layer=layer)
-    return heads
+    keys = {"labels_key": labels_key, "batch_key": batch_key, "layer": layer, "modality": "protein", "paired": paired}
+    supported = {"integration": bool(batch_key), "modality": bool(paired)}
+    return {name: cls(model_dir, cfg, **constructor_keys(cls, keys))
+            for name, cls in TASKS.items() if supported.get(name, True)}
 
 
 def cmd_benchmark(args) -> int:
@@ -395,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_tokenize)
 
     p = sub.add_parser("finetune", help="fine-tune a task head on a labelled file", description="Fine-tune a task.")
-    p.add_argument("task", choices=TASKS, help="the task")
+    p.add_argument("task", choices=TASK_NAMES, help="the task")
     add_io(p, labels=True, overrides="epochs=10 lr=1e-3 mode=full")
     add_cpu(p)
     p.add_argument("--from-scratch", action="store_true", help="random initialisation with a vocabulary from the data")
@@ -409,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("predict", help="apply a fine-tuned model to new files", description="Predict with a fine-tuned model.")
-    p.add_argument("task", choices=TASKS, help="the task")
+    p.add_argument("task", choices=TASK_NAMES, help="the task")
     add_io(p, overrides="chunk_size=1024")
     add_cpu(p)
     p.add_argument("--with-x", action="store_true", help="copy X into the output file")
@@ -424,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="compare atlasformer with scVI and simple baselines on one task",
                        description="Run the benchmark protocol of docs/benchmarks.md on one file.")
-    p.add_argument("--task", required=True, choices=["annotation", "integration", "imputation", "modality"])
+    p.add_argument("--task", required=True, choices=TASK_NAMES)
     add_io(p, labels=True, overrides="scvi_epochs=50 finetune.mode=full")  # --model defaults to the shipped model
     p.add_argument("--paired", metavar="FILE", help="modality: protein or ATAC counts of the same cells")
     p.add_argument("--modality", choices=["protein", "atac"], help="what --paired holds")
@@ -473,8 +483,7 @@ def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.Argumen
 
 # ----------------------------------------------------------------------------------- convert / hub
 def cmd_convert(args) -> int:
-    from atlasformer.pretrain.convert import convert_geneformer, convert_scgpt
-    from atlasformer.pretrain.export import load_model_folder
+    from atlasformer.checkpoints import convert_geneformer, convert_scgpt, load_model_folder
 
     where = {"revision": args.revision, "subfolder": args.subfolder}
     args.source, args.output = args.model or args.source, args.output or args.out
@@ -494,10 +503,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_hub_push(args) -> int:
-    from atlasformer.model_zoo.hub import push_model_folder
-    from atlasformer.pretrain.export import load_model_folder
+    from atlasformer.checkpoints import load_model, push_model_folder
 
-    load_model_folder(args.folder)  # the folder must load as it is before anyone downloads it
+    load_model(args.folder)  # the folder (transformer or VAE) must load as it is before anyone downloads it
     plan = push_model_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run,
                              commit_message=args.commit_message, revision=args.revision)
     print(json.dumps(plan, indent=2))
@@ -569,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.verbosity = args.verbosity
     if overrides and not getattr(args, "takes_overrides", True):
         parser.error(f"{args.command} takes no KEY=VALUE overrides; got {' '.join(overrides)}")
-    from atlasformer.model_zoo import CheckpointError
+    from atlasformer.checkpoints import CheckpointError
     from atlasformer.tokenization import InputError
 
     try:

@@ -35,7 +35,7 @@ def checkpoint_facts(model: str | None) -> dict:
     """Architecture, parameters and card facts of the benchmarked model (a model folder or a shipped model's name)."""
     if not model:
         return {}
-    from atlasformer.model_zoo.hub import SHIPPED_MODELS, shipped_model_folder
+    from atlasformer.checkpoints import SHIPPED_MODELS, shipped_model_folder
 
     folder = shipped_model_folder(model) if model in SHIPPED_MODELS else Path(model)
     folder = folder / "model" if (folder / "model" / "config.json").exists() else folder

@@ -7,7 +7,16 @@ from .imputation import Imputer, denoise
 from .integration import Integrator, integrate
 from .modality import ModalityPredictor, predict_modality
 from .runner import finetune_file, predict_file, prepare_outputs
+from .task import Task
 from .vae_models import SCVIModel, TOTALVIModel
+
+TASKS: dict[str, type[Task]] = {
+    "annotation": Annotator,
+    "integration": Integrator,
+    "imputation": Imputer,
+    "modality": ModalityPredictor,
+}
+"""The fine-tuning tasks by their user-facing name (``atlasformer finetune <name>``, ``predict``, ``benchmark``)."""
 
 __all__ = [
     "Annotator",
@@ -16,7 +25,9 @@ __all__ = [
     "Integrator",
     "ModalityPredictor",
     "SCVIModel",
+    "TASKS",
     "TOTALVIModel",
+    "Task",
     "annotate",
     "denoise",
     "finetune_file",

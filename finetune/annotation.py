@@ -8,7 +8,6 @@ through the model's vocabulary: genes the query lacks are simply absent from its
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -59,6 +58,7 @@ class Annotator(FinetunedTask):
     """
 
     model_class = CellTransformerForAnnotation
+    required_keys = ("labels_key",)
     recipe = {"mode": "frozen", "lr": 2e-3, "readout": "linear", "expression_genes": 2000, "expression_pcs": 0,
               "embedding_weight": 0.02}
     """Defaults of the fields a FinetuneConfig leaves at None, chosen by measurement (docs/model_quality.md)."""
@@ -168,10 +168,12 @@ class Annotator(FinetunedTask):
         return pd.DataFrame({"label": label, "confidence": confidence}, index=adata.obs_names)
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = "atlasformer", source: str = "data") -> None:
-        """Write predictions for ``adata`` into ``target.obs`` (FORMATS.md keys)."""
+        """Write predictions for ``adata`` into ``target.obs`` (FORMATS.md keys), and their provenance into
+        ``target.uns['atlasformer']``."""
         pred = self.predict(adata, source=source)
-        target.obs[f"{key_added}_label"] = pd.Categorical(pred["label"].to_numpy())
-        target.obs[f"{key_added}_confidence"] = pred["confidence"].to_numpy()
+        with self._recording_provenance(target):
+            target.obs[f"{key_added}_label"] = pd.Categorical(pred["label"].to_numpy())
+            target.obs[f"{key_added}_confidence"] = pred["confidence"].to_numpy()
 
     def plots(self, output: Path) -> list[Path]:
         if not hasattr(self, "_val_pairs"):
@@ -202,8 +204,3 @@ def annotate(adata: ad.AnnData, model, *, key_added: str = "atlasformer", unknow
     changes = {"unknown_threshold": unknown_threshold} if unknown_threshold is not None else None
     return Annotator.apply(adata, model, copy=copy, layer=layer, gene_key=gene_key, config_changes=changes,
                            key_added=key_added)
-
-
-def save_metrics(metrics: dict, path: Path) -> Path:
-    path.write_text(json.dumps(metrics, indent=2, default=float))
-    return path

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlasformer.model_zoo import CheckpointError
+from atlasformer.checkpoints import CheckpointError
 from atlasformer.tokenization import InputError, check_counts, input_stem, read_h5ad
 from atlasformer.tokenization.anndata_io import check_obs_key, count_matrix, to_csr
 

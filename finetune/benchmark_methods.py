@@ -18,7 +18,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from atlasformer.model_zoo import CheckpointError
+from atlasformer.checkpoints import CheckpointError
 from atlasformer.tokenization import InputError
 
 from . import baselines as b
@@ -118,8 +118,7 @@ def pretrained_architecture(inp):
 
 def pretrained(inp):
     if "pretrained" not in inp.cache:
-        from atlasformer.pretrain.convert import resolve_model
-        from atlasformer.pretrain.export import load_model_folder
+        from atlasformer.checkpoints import load_model_folder, resolve_model
 
         # hub ids resolved; scGPT / Geneformer checkpoints converted on the fly (cached)
         inp.cache["pretrained"] = load_model_folder(resolve_model(inp.model))

@@ -10,6 +10,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from copy import copy as shallow_copy
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from atlasformer.checkpoints import export_model_folder, load_model_folder, public_name, resolve_model
 from atlasformer.model_zoo import CellTransformer, CellTransformerConfig
-from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import export_model_folder, load_model_folder, public_name
+from atlasformer.model_zoo.from_tokenizer import config_for_tokenizer, tokenizer_mismatches
 from atlasformer.tokenization import (
     CellTokenizer,
     InputError,
@@ -51,16 +52,17 @@ def load_backbone(model: str | os.PathLike | None, cfg: FinetuneConfig, adatas: 
         vocab = build_vocab(adatas, gene_key=gene_key, specials=cfg.tokenizer.special_tokens,
                             gene_id_mode=cfg.tokenizer.gene_id_mode, gene_table=cfg.tokenizer.gene_table)
         tokenizer = CellTokenizer(vocab, _with_seq_len(cfg.tokenizer, cfg.max_seq_len))
-        config = CellTransformerConfig(
-            vocab_size=len(vocab), n_bins=tokenizer.config.n_bins, pad_token_id=vocab.pad_id,
-            cls_token_id=vocab.cls_id, mask_token_id=vocab.mask_id,
-            value_encoding={"binned": "category", "continuous": "continuous", "rank": "none"}[tokenizer.config.kind],
-            max_position_embeddings=tokenizer.config.max_seq_len + 1 if tokenizer.config.kind == "rank" else 0,
-            value_head="none", **cfg.scratch_model)
+        try:
+            config = config_for_tokenizer(tokenizer, value_head="none", **cfg.scratch_model)
+        except ValueError as err:
+            raise InputError(f"scratch_model: {err}") from err
         return None, tokenizer, config
     pretrained, tokenizer = load_model_folder(resolve_model(model))  # scGPT / Geneformer converted on the fly
     tokenizer = CellTokenizer(tokenizer.vocab, _with_seq_len(tokenizer.config, cfg.max_seq_len), tokenizer.gene_medians)
     backbone = pretrained.backbone if hasattr(pretrained, "backbone") else pretrained
+    problems = tokenizer_mismatches(backbone.config, tokenizer)  # max_seq_len may now exceed the positions
+    if problems:
+        raise InputError(f"{model}: {'; '.join(problems)}.")
     return backbone, tokenizer, CellTransformerConfig(**backbone.config.to_dict())
 
 
@@ -317,14 +319,20 @@ def record_provenance(target: ad.AnnData, keys, *, model, layer: str | None, set
 
 
 class FinetunedTask:
-    """What the four fine-tuning tasks share: the guard for an unfitted task, and saving and loading the
-    model folder. A task sets ``model_class`` (its ``CellTransformerFor...``) and ``model``/``tokenizer``/
-    ``validation`` in ``fit``; its constructor takes ``(model, config, **keys)``."""
+    """What the four fine-tuning tasks share: the guard for an unfitted task, embeddings, provenance, and saving
+    and loading the model folder. A task sets ``model_class`` (its ``CellTransformerFor...``) and ``model``/
+    ``tokenizer``/``validation`` in ``fit``; its constructor takes ``(model, config, **keys)``. Each task
+    implements :class:`~atlasformer.finetune.task.Task`."""
 
     model_class: type
     model = None
     tokenizer = None
     validation: dict  # set per instance by the task's constructor and fit
+    required_keys: tuple[str, ...] = ()
+    """Constructor keys (obs columns) fine-tuning cannot do without; the CLI asks for their flags."""
+    prediction_keys: tuple[str, ...] = ()
+    """Constructor keys (obs columns) that change what ``predict`` / ``write_outputs`` produce on new data; the
+    CLI's ``predict`` passes these flags and refuses the others."""
 
     def _require_model(self) -> None:
         if self.model is None:
@@ -339,7 +347,7 @@ class FinetunedTask:
     def _model_extra(self, adata: ad.AnnData, source: str) -> dict | None:
         """Per-cell model inputs beyond the tokens, aligned with ``adata``'s rows: the expression path's input
         when the model has one."""
-        genes = getattr(self.model.config, "expression_genes", None)
+        genes = self.model.config.expression_genes
         if not genes:
             return None
         from .expression import expression_inputs
@@ -357,11 +365,12 @@ class FinetunedTask:
             out[rows] = emb
         return out
 
-    def write_annotated(self, adata: ad.AnnData, target: ad.AnnData, **write_kw) -> None:
-        """``write_outputs`` into ``target``, then record in ``target.uns['atlasformer']`` which model, layer and
-        settings produced each key it wrote."""
+    @contextmanager
+    def _recording_provenance(self, target: ad.AnnData) -> Iterator[None]:
+        """Around a task's ``write_outputs``: record in ``target.uns['atlasformer']`` which model, layer and
+        settings produced each key written into ``target`` inside the block (nothing when the block fails)."""
         before = annotation_snapshot(target)
-        self.write_outputs(adata, target, **write_kw)
+        yield
         record_provenance(target, changed_keys(before, target), model=getattr(self, "model_source", None),
                           layer=self.layer, settings=dataclasses.asdict(self.config), weights=self.model)
 
@@ -373,7 +382,7 @@ class FinetunedTask:
         summary = {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}
         run_config = dict(run_config or {})
         source = getattr(self, "model_source", None)
-        if source is not None and not getattr(self.config, "from_scratch", False):
+        if source is not None and not self.config.from_scratch:
             run_config.setdefault("base_model", public_name(source))
         return export_model_folder(self.model, self.tokenizer, folder, run_config, summary, overwrite=overwrite)
 
@@ -411,5 +420,5 @@ class FinetunedTask:
         if config_changes:
             task.config = dataclasses.replace(task.config, **config_changes)
         target = adata.copy() if copy else adata
-        task.write_annotated(adata, target, **write_kw)
+        task.write_outputs(adata, target, **write_kw)
         return target if copy else None

@@ -165,8 +165,11 @@ class Imputer(FinetunedTask):
         return {"library_size": library, **(super()._model_extra(adata, source) or {})}
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = KEY_ADDED, source: str = "data") -> None:
-        """Write denoised CP10k expression of ``adata`` into ``target.layers[key_added]``."""
-        target.layers[key_added] = self.predict(adata, source=source)
+        """Write denoised CP10k expression of ``adata`` into ``target.layers[key_added]``, and its provenance into
+        ``target.uns['atlasformer']``."""
+        denoised = self.predict(adata, source=source)
+        with self._recording_provenance(target):
+            target.layers[key_added] = denoised
 
     def plots(self, output: Path) -> list[Path]:
         """MCV metrics against no denoising, and predicted vs held-out counts of the most expressed genes."""

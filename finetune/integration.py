@@ -13,6 +13,7 @@ Writes ``obsm['X_atlasformer_integrated']`` (``key_added``).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -45,6 +46,8 @@ from .expression import expression_setup, fit_expression_path, path_features, st
 from .fit import fit
 from .metrics import batch_mixing_entropy, scib_scores
 from .plots import metric_bars, umap_panels
+
+logger = logging.getLogger(__name__)
 
 KEY_ADDED = "X_atlasformer_integrated"
 
@@ -84,7 +87,8 @@ class Integrator(FinetunedTask):
     config
         Fine-tuning settings (``mask_ratio`` and ``dab_weight`` are this task's).
     batch_key
-        obs column with the batches to integrate (required).
+        obs column with the batches to integrate (required). On new data (``embed``, ``predict``) it names the
+        query's batches, which Harmony corrects over when the model was fitted with ``harmony``.
     labels_key
         obs column with cell types, used only to score the result (scib-metrics) and colour plots.
     layer, gene_key
@@ -94,6 +98,8 @@ class Integrator(FinetunedTask):
     """
 
     model_class = CellTransformerForIntegration
+    required_keys = ("batch_key",)
+    prediction_keys = ("batch_key",)  # Harmony corrects over the batches of the cells it embeds
     recipe = {"mode": "frozen", "lr": 3e-4, "readout": "linear", "expression_genes": 2000, "expression_pcs": 50,
               "harmony": True, "embedding_weight": 0.1}
     """Defaults of the fields a FinetuneConfig leaves at None, chosen by measurement (docs/model_quality.md)."""
@@ -206,8 +212,11 @@ class Integrator(FinetunedTask):
                                                   outputs=lambda o: o.extras["joint_features"],
                                                   extra=self._model_extra(adata, source)):
                 out[rows] = joint
-        if getattr(self.model.config, "harmony", False) and self.batch_key in adata.obs:
+        if self.model.config.harmony and self.batch_key in adata.obs:
             out = harmony(out, adata.obs[self.batch_key].astype(str).to_numpy(), seed=self.config.seed)
+        elif self.model.config.harmony:  # any batches are corrected, seen in training or not; none is no correction
+            logger.warning(f"{source}: obs has no batch column {self.batch_key!r}, so the integrated embedding is not "
+                           "corrected by Harmony; name the query's batch column with batch_key= (--batch-key).")
         return out
 
     def score(self, adata: ad.AnnData, source: str = "data") -> dict:
@@ -236,12 +245,16 @@ class Integrator(FinetunedTask):
     # ------------------------------------------------------------------ inference
 
     def predict(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
-        """(cells, d_model) batch-invariant embeddings (no batch needed); zeros for cells without vocabulary genes."""
+        """The integrated embeddings of :meth:`embed` (Harmony-corrected over ``obs[batch_key]`` when the model
+        uses Harmony; the encoder itself needs no batch); zeros for cells without vocabulary genes."""
         return self.embed(adata, source=source)
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = KEY_ADDED, source: str = "data") -> None:
-        """Write the integrated embedding of ``adata`` into ``target.obsm[key_added]``."""
-        target.obsm[key_added] = self.embed(adata, source=source)
+        """Write the integrated embedding of ``adata`` into ``target.obsm[key_added]``, and its provenance into
+        ``target.uns['atlasformer']``."""
+        embedding = self.embed(adata, source=source)
+        with self._recording_provenance(target):
+            target.obsm[key_added] = embedding
 
     def plots(self, output: Path) -> list[Path]:
         """UMAPs of the unintegrated PCs and the integrated embedding, by batch and by cell type; scib bars."""

@@ -277,10 +277,13 @@ class ModalityPredictor(FinetunedTask):
         return out
 
     def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str | None = None, source: str = "data") -> None:
-        """Write predictions into ``target.obsm[key_added]`` and names into ``target.uns[key_added + '_names']``."""
+        """Write predictions into ``target.obsm[key_added]`` and names into ``target.uns[key_added + '_names']``,
+        and their provenance into ``target.uns['atlasformer']``."""
         key = key_added or self.key_added
-        target.obsm[key] = self.predict(adata, source=source)
-        target.uns[f"{key}_names"] = np.asarray(self.model.config.feature_names, dtype=object)
+        predicted = self.predict(adata, source=source)
+        with self._recording_provenance(target):
+            target.obsm[key] = predicted
+            target.uns[f"{key}_names"] = np.asarray(self.model.config.feature_names, dtype=object)
 
     def plots(self, output: Path) -> list[Path]:
         """Protein: predicted vs observed CLR per protein; ATAC: ROC curve (validation cells)."""

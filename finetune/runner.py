@@ -1,6 +1,7 @@
 """File-level driver shared by every task: fit on an input file, write the annotated copy, the fine-tuned
 model folder, metrics.json and plots into the output folder. Tasks plug in through their user-facing
-class (``fit``, ``write_outputs``, ``save``, ``plots``), so no task repeats this."""
+class (``fit``, ``write_outputs``, ``save``, ``plots`` of :class:`~atlasformer.finetune.task.Task`), so no task
+repeats this."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from atlasformer.model_zoo.hub import refuse_foreign_model_folder
+from atlasformer.checkpoints import refuse_foreign_model_folder
 from atlasformer.tokenization import input_stem, read_h5ad
 from atlasformer.tokenization.outputs import (
     prepare_output_folder,
@@ -18,6 +19,7 @@ from atlasformer.tokenization.outputs import (
 )
 
 from .common import gene_report, output_adata, write_h5ad_atomic
+from .task import Task
 
 
 def annotated_path(data: str | Path, output: str | Path) -> Path:
@@ -51,7 +53,7 @@ def launch_state(cpu: bool = False):
     return PartialState(cpu=cpu or not torch.cuda.is_available())
 
 
-def finetune_file(task, data: str | Path, output: str | Path, *, with_x: bool = False, run_config: dict | None = None,
+def finetune_file(task: Task, data: str | Path, output: str | Path, *, with_x: bool = False, run_config: dict | None = None,
                   extra_inputs: dict | None = None, queries: tuple = (), overwrite: bool = False) -> dict:
     """Fine-tune ``task`` on ``data`` and write ``<output>/{model/, <stem>.h5ad, metrics.json, *.png}``.
 
@@ -80,21 +82,21 @@ def finetune_file(task, data: str | Path, output: str | Path, *, with_x: bool = 
     return summary
 
 
-def write_fitted(task, adata, output: Path, summary: dict, *, run_config: dict | None, with_x: bool,
+def write_fitted(task: Task, adata, output: Path, summary: dict, *, run_config: dict | None, with_x: bool,
                  overwrite: bool) -> dict:
     """Write a fitted task's model folder, annotated copy of ``adata``, plots and ``metrics.json`` (the summary,
     returned with its plots)."""
     source = summary["input"]
     task.save(output / "model", run_config={**(run_config or {}), "data": [source]}, overwrite=overwrite)
     target = output_adata(adata, with_x)
-    task.write_annotated(adata, target, source=source)
+    task.write_outputs(adata, target, source=source)
     write_h5ad_atomic(target, summary["output"])
     summary = {**summary, "plots": [str(p) for p in task.plots(output)]}
     (output / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 
-def predict_file(task, data: str | Path, output: str | Path, *, with_x: bool = False) -> Path:
+def predict_file(task: Task, data: str | Path, output: str | Path, *, with_x: bool = False) -> Path:
     """Apply a fitted ``task`` to ``data`` (read backed, in chunks) and write ``<output>/<stem>.h5ad``.
 
     Callers check the output folder first with :func:`prepare_outputs` (all inputs at once)."""
@@ -103,5 +105,5 @@ def predict_file(task, data: str | Path, output: str | Path, *, with_x: bool = F
     if getattr(task, "tokenizer", None) is not None:  # which genes the model knows and the file lacks
         gene_report(adata, task.tokenizer, gene_key=getattr(task, "gene_key", None), source=str(data))
     target = output_adata(adata, with_x)
-    task.write_annotated(adata, target, source=str(data))
+    task.write_outputs(adata, target, source=str(data))
     return write_h5ad_atomic(target, target_path)

@@ -4,9 +4,10 @@ As scvi-tools' ``model/`` wraps its ``module/``, :class:`SCVIModel` and :class:`
 (count layer, batch key, gene and protein names) and hand tensors to the torch modules in
 ``atlasformer.model_zoo.vae``. Training uses :func:`atlasformer.finetune.fit` with scvi-tools' training
 plan: Adam (lr 1e-3, weight decay 1e-6, eps 0.01), constant learning rate, batches of 128, 10% of cells
-for validation, and the KL weight warmed up linearly over 400 epochs (scVI) or over 0.75 x n_cells steps
-(totalVI, lr 4e-3, batches of 256, early stopping after 45 epochs without improvement). The KL weight is
-passed with each batch, so the loop itself needs nothing VAE-specific.
+for validation (chosen by :func:`~atlasformer.finetune.common.split_cells`, as for every task), and the
+KL weight warmed up linearly over 400 epochs (scVI) or over 0.75 x n_cells steps (totalVI, lr 4e-3, batches of 256, early stopping after 45 epochs without improvement). The KL weight is
+passed with each batch, so the loop itself needs nothing VAE-specific. Both wrappers implement the task
+contract, :class:`~atlasformer.finetune.task.Task`.
 
 Outputs written by ``write_outputs``: ``obsm['X_<key_added>']`` (posterior mean latent), and for scVI
 ``layers['<key_added>_denoised']`` (expected expression, CP10k); for totalVI ``obsm['protein_predicted']``
@@ -16,7 +17,6 @@ Outputs written by ``write_outputs``: ``obsm['X_<key_added>']`` (posterior mean 
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +26,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file, save_file
 
-from atlasformer.model_zoo import CheckpointError, atomic_folder, read_manifest, write_manifest
+from atlasformer.checkpoints import load_vae_folder, resolve_model, save_vae_folder
 from atlasformer.model_zoo.vae import SCVIConfig, SCVIModule, TOTALVIConfig, TOTALVIModule
 from atlasformer.tokenization import BatchOrder, InputError, check_counts
 from atlasformer.tokenization.anndata_io import check_obs_key, count_matrix, to_csr
 
+from .common import split_cells
 from .config import FinetuneConfig
 from .fit import fit
 from .metrics import clr
@@ -121,14 +121,22 @@ class _VAEModel:
             raise InputError(f"this {type(self).__name__} has no trained model yet: call fit(adata) or load(folder).")
 
     # ------------------------------------------------------------------ training
-    def _train(self, n_cells: int, make_inputs: Callable[[np.ndarray, float], dict], kl_weight_at: Callable[[int, int], float],
-               lr: float, batch_size: int, patience: int | None, description: str) -> dict:
-        """Train ``self.module`` with the shared loop; ``make_inputs(rows, kl_weight)`` builds one batch's kwargs."""
+    def _train(self, obs: pd.DataFrame, make_inputs: Callable[[np.ndarray, float], dict],
+               kl_weight_at: Callable[[int, int], float], lr: float, batch_size: int, patience: int | None,
+               description: str) -> dict:
+        """Train ``self.module`` with the shared loop on the cells of ``obs``; ``make_inputs(rows, kl_weight)``
+        builds one batch's kwargs.
+
+        Validation cells are those of :func:`~atlasformer.finetune.common.split_cells`, as for every task (a
+        seeded ``val_fraction`` of the cells, or ``val_batch`` of ``batch_key``); with 10 cells or fewer none are
+        held out and the ELBO is validated on the training cells.
+        """
+        n_cells = len(obs)
         cfg = self.config or vae_training_config(n_cells, epochs=self.epochs, seed=self.seed, lr=lr,
                                                  batch_size=batch_size, patience=patience)
-        positions = np.random.default_rng([cfg.seed, 11]).permutation(n_cells)
-        n_val = max(1, int(round(n_cells * cfg.val_fraction))) if cfg.val_fraction > 0 and n_cells > 10 else 0
-        train, val = np.sort(positions[n_val:]), np.sort(positions[:n_val])
+        if n_cells <= 10:
+            cfg = dataclasses.replace(cfg, val_fraction=0.0)
+        train, val = split_cells(obs, cfg, self.batch_key)
         steps_per_epoch = max(1, BatchOrder(len(train), min(cfg.batch_size, len(train)), seed=cfg.seed,
                                             drop_last=len(train) >= cfg.batch_size).batches_per_epoch())
         step = {"n": 0}
@@ -165,39 +173,20 @@ class _VAEModel:
                 "validation": {k: v for k, v in self.validation.items() if isinstance(v, (int, float))}}
 
     def save(self, folder: str | Path, run_config: dict | None = None, *, overwrite: bool = False) -> Path:
-        """Write ``config.json`` (architecture + AnnData keys), ``model.safetensors`` and the manifest, atomically
-        (an existing folder with files atlasformer did not write is refused unless ``overwrite``)."""
+        """Write the model folder with :func:`atlasformer.checkpoints.save_vae_folder`: ``config.json`` (architecture,
+        module config and AnnData keys), ``model.safetensors``, a card and the manifest, atomically (an existing
+        folder with files atlasformer did not write is refused unless ``overwrite``)."""
         self._require_module()
-        folder = Path(folder)
-        with atomic_folder(folder, overwrite=overwrite) as tmp:
-            config = {"architecture": type(self.module).__name__, "module": self.module.config.to_dict(),
-                      "wrapper": type(self).__name__, **self._keys()}
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
-            write_manifest(tmp, run_config or {})
-        return folder
+        keys = {"wrapper": type(self).__name__, **self._keys()}
+        return save_vae_folder(self.module, folder, keys, run_config, keys["validation"], overwrite=overwrite)
 
     @classmethod
     def load(cls, folder: str | Path, **overrides):
-        """Load a folder written by :meth:`save` (safetensors only; checksums verified)."""
-        folder = Path(folder)
-        if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
-            raise CheckpointError(f"{folder}: not a {cls.__name__} folder (needs config.json and model.safetensors).")
-        read_manifest(folder, verify=True)
-        config = json.loads((folder / "config.json").read_text())
-        arch = config.get("architecture")
-        if arch not in cls.module_classes:
-            raise CheckpointError(f"{folder}: holds {arch!r}, not one of {sorted(cls.module_classes)}; "
-                                  f"load it with the matching class.")
-        config_cls, module_cls = cls.module_classes[arch]
-        fields = {f.name for f in dataclasses.fields(config_cls)}
-        module = module_cls(config_cls(**{k: v for k, v in config["module"].items() if k in fields}))
-        missing, unexpected = module.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        """Load a folder or hub id written by :meth:`save` through the model-folder reader
+        (:func:`atlasformer.checkpoints.load_vae_folder`: safetensors only, checksums verified)."""
+        module, config = load_vae_folder(resolve_model(folder), architectures=tuple(cls.module_classes))
         model = cls(batch_key=config["batch_key"], layer=config["layer"], **overrides)
-        model.module, model.genes, model.batches = module.eval(), config["genes"], config["batches"]
+        model.module, model.genes, model.batches = module, config["genes"], config["batches"]
         model.validation = config.get("validation", {})
         model._restore(config)
         return model
@@ -260,7 +249,7 @@ class SCVIModel(_VAEModel):
         torch.manual_seed(self.seed)
         self.module = SCVIModule(SCVIConfig(n_genes=len(self.genes), n_batch=len(self.batches), **self.module_kwargs))
         warmup = self.n_epochs_kl_warmup
-        return self._train(adata.n_obs, self._inputs(counts, codes),
+        return self._train(adata.obs, self._inputs(counts, codes),
                            lambda step, per_epoch: min(1.0, (step // per_epoch) / warmup) if warmup else 1.0,
                            lr=1e-3, batch_size=128, patience=None, description="scvi")
 
@@ -385,9 +374,12 @@ class TOTALVIModel(_VAEModel):
                     "protein_observed": torch.from_numpy(observed[rows]), "kl_weight": torch.tensor(float(kl_weight))}
         return make_inputs
 
-    def fit(self, adata: ad.AnnData, protein: ad.AnnData, source: str = "data",
+    def fit(self, adata: ad.AnnData, protein: ad.AnnData | None = None, source: str = "data",
             protein_observed: np.ndarray | None = None) -> dict:
-        """Train on RNA ``adata`` and paired ``protein`` counts; returns validation metrics."""
+        """Train on RNA ``adata`` and paired ``protein`` counts (required; optional in the signature only, as the
+        task contract's ``fit(adata)``); returns validation metrics."""
+        if protein is None:
+            raise InputError("totalVI trains on RNA and protein: fit(adata, protein), protein an AnnData of the same cells.")
         self.genes = self.genes or list(map(str, adata.var_names))
         self.proteins = list(map(str, protein.var_names))
         counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
@@ -403,7 +395,7 @@ class TOTALVIModel(_VAEModel):
         self.module = TOTALVIModule(TOTALVIConfig(n_genes=len(self.genes), n_proteins=len(self.proteins),
                                                   n_batch=len(self.batches), **prior, **self.module_kwargs))
         warmup_steps = int(0.75 * adata.n_obs)
-        return self._train(adata.n_obs, self._inputs(counts, y, codes, observed),
+        return self._train(adata.obs, self._inputs(counts, y, codes, observed),
                            lambda step, per_epoch: min(1.0, step / warmup_steps) if warmup_steps else 1.0,
                            lr=4e-3, batch_size=256, patience=45, description="totalvi")
 

@@ -26,6 +26,10 @@ from .attention import flex_attention_kernel, has_no_padding, padding_block_mask
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
+class ConversionError(ValueError):
+    """Another tool's weights or config that the weight half of a converter cannot reproduce exactly."""
+
+
 class CellTransformerConfig(PretrainedConfig):
     """Architecture of a :class:`CellTransformer` (saved as ``config.json``).
 
@@ -80,6 +84,29 @@ class CellTransformerConfig(PretrainedConfig):
         ``"sdpa"`` (``scaled_dot_product_attention``, a padding mask when a batch is padded) or ``"flex"``
         (FlexAttention with a block mask over real tokens: variable-length attention that works with any
         kernel setting and skips padded blocks; compiled on GPU; needs ``attention_dropout=0``).
+    task
+        Fine-tuned heads: the task the head was fine-tuned for (``"annotation"``, ``"integration"``,
+        ``"imputation"``, ``"modality"``; set by the head), None for a pretrained backbone.
+    feature_names
+        Fine-tuned heads: what the head predicts, in order (integration / imputation: gene keys of the count
+        decoder; modality: proteins or peaks).
+    batch_names
+        Integration: the batches, in the order of the batch embedding and discriminator.
+    decoder_hidden
+        Integration / imputation: hidden width of the count decoder (None: ``4 * d_model``).
+    likelihood
+        Imputation: count likelihood of the decoder, ``"nb"`` or ``"zinb"``.
+    modality
+        Modality prediction: ``"protein"`` (CLR values, MSE) or ``"atac"`` (accessibility, BCE).
+    adversary
+        Integration: the encoder's adversarial objective, ``"confusion"`` (domain confusion) or
+        ``"reversal"`` (gradient reversal, scGPT's DAB).
+    grl_scale
+        Integration: gradient-reversal scale with ``adversary="reversal"``.
+    dab_weight
+        Integration: weight of the adversarial term.
+    harmony
+        Integration: Harmony-correct [expression PCs; embedding] over the batches at embedding time.
     """
 
     model_type = "atlasformer_cell_transformer"
@@ -113,6 +140,16 @@ class CellTransformerConfig(PretrainedConfig):
         expression_genes: list[str] | None = None,
         expression_components: int = 0,
         attention_impl: Literal["sdpa", "flex"] = "sdpa",
+        task: Literal["annotation", "integration", "imputation", "modality"] | None = None,
+        feature_names: list[str] | None = None,
+        batch_names: list[str] | None = None,
+        decoder_hidden: int | None = None,
+        likelihood: Literal["nb", "zinb"] = "nb",
+        modality: Literal["protein", "atac"] | None = None,
+        adversary: Literal["confusion", "reversal"] = "confusion",
+        grl_scale: float = 1.0,
+        dab_weight: float = 1.0,
+        harmony: bool = False,
         pad_token_id: int = 0,
         cls_token_id: int = 1,
         mask_token_id: int | None = 2,
@@ -145,6 +182,16 @@ class CellTransformerConfig(PretrainedConfig):
         self.expression_genes = list(expression_genes or [])
         self.expression_components = int(expression_components)
         self.attention_impl = attention_impl
+        self.task = task
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        self.batch_names = list(batch_names) if batch_names is not None else None
+        self.decoder_hidden = decoder_hidden or 4 * d_model
+        self.likelihood = likelihood
+        self.modality = modality
+        self.adversary = adversary
+        self.grl_scale = grl_scale
+        self.dab_weight = dab_weight
+        self.harmony = bool(harmony)
         self.cls_token_id = cls_token_id
         self.mask_token_id = mask_token_id
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -172,6 +219,14 @@ class CellTransformerConfig(PretrainedConfig):
             raise ValueError(f"gene_head_activation must be one of {list(ACTIVATIONS)}, got {self.gene_head_activation!r}")
         if self.embedding_dropout not in ("sum", "values"):
             raise ValueError(f"embedding_dropout must be 'sum' or 'values', got {self.embedding_dropout!r}")
+        if self.task not in (None, "annotation", "integration", "imputation", "modality"):
+            raise ValueError(f"unknown task {self.task!r}")
+        if self.likelihood not in ("nb", "zinb"):
+            raise ValueError(f"likelihood must be 'nb' or 'zinb', got {self.likelihood!r}")
+        if self.modality not in (None, "protein", "atac"):
+            raise ValueError(f"modality must be 'protein' or 'atac', got {self.modality!r}")
+        if self.adversary not in ("confusion", "reversal"):
+            raise ValueError(f"adversary must be 'confusion' or 'reversal', got {self.adversary!r}")
         if self.attention_impl not in ("sdpa", "flex"):
             raise ValueError(f"attention_impl must be 'sdpa' or 'flex', got {self.attention_impl!r}")
         if self.attention_impl == "flex" and self.attention_dropout:
@@ -181,11 +236,6 @@ class CellTransformerConfig(PretrainedConfig):
     def mask_value(self) -> float:
         """Value fed at masked positions: an extra bin id for categories, -1 for continuous values (scGPT)."""
         return float(self.n_bins) if self.value_encoding == "category" else -1.0
-
-    def num_parameters_estimate(self) -> int:
-        d, ff = self.d_model, self.d_ff
-        per_layer = 4 * d * d + 4 * d + 2 * d * ff + d + ff + 4 * d
-        return self.n_layers * per_layer + self.vocab_size * d
 
 
 @dataclass
@@ -366,17 +416,17 @@ class CellTransformerPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """transformers' ``save_pretrained``, plus the tokenizer the model was loaded with (``self.tokenizer``,
-        set by ``atlasformer.from_pretrained``) and the ``atlasformer.json`` manifest, so that
-        ``atlasformer.from_pretrained(save_directory)`` reads the folder back."""
-        from .hub import write_manifest  # hub imports this module
+    after_save_pretrained = None
+    """Called as ``after_save_pretrained(model, folder)`` once ``save_pretrained`` wrote the weights.
+    ``atlasformer.checkpoints`` (which owns model folders; this package does no folder I/O) sets it on import
+    to save the tokenizer the model was loaded with and the ``atlasformer.json`` manifest."""
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' ``save_pretrained``, then :attr:`after_save_pretrained`: with ``atlasformer.checkpoints``
+        imported (``atlasformer.from_pretrained`` does), the folder reads back with ``from_pretrained``."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        tokenizer = self.__dict__.get("tokenizer")  # a plain attribute, not a submodule
-        if tokenizer is not None:
-            tokenizer.save(save_directory)
-        write_manifest(save_directory, {"saved_with": "save_pretrained"})
+        if self.after_save_pretrained is not None:
+            self.after_save_pretrained(save_directory)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         for module in self.modules():
@@ -431,7 +481,7 @@ class GeneHead(nn.Module):
     def __init__(self, config: CellTransformerConfig):
         super().__init__()
         self.dense = nn.Linear(config.d_model, config.d_model)
-        self.activation = ACTIVATIONS[getattr(config, "gene_head_activation", "gelu")]()
+        self.activation = ACTIVATIONS[config.gene_head_activation]()
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(config.d_model, config.vocab_size)
 

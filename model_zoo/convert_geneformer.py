@@ -1,4 +1,4 @@
-"""Weight half of the Geneformer converter: a transformers BERT folder -> CellTransformerForPretraining.
+"""Weight half of the Geneformer converter: a BERT state dict and ``config.json`` -> a CellTransformerConfig and state dict.
 
 Geneformer is a ``BertForMaskedLM``: word + position + token-type embeddings summed, LayerNorm,
 post-norm encoder layers, and the MLM head dense - activation - LayerNorm - decoder. It maps onto the
@@ -21,22 +21,18 @@ cls.predictions.transform.dense / LayerNorm     gene_head.dense / norm
 cls.predictions.decoder (tied) + bias           gene_head.decoder
 ==============================================  ==============================================
 
-Weights are read with safetensors, or from ``pytorch_model.bin`` only through
-``torch.load(weights_only=True)``; no code from the folder is ever run.
+Pure torch: no files are read here. ``atlasformer.checkpoints.geneformer`` reads ``config.json`` and the
+weights (safetensors, or ``pytorch_model.bin`` only through ``torch.load(weights_only=True)``), loads the
+mapped state strictly and writes the model folder. What cannot be reproduced raises :class:`ConversionError`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from .cell_transformer import ACTIVATIONS, CellTransformerConfig, CellTransformerForPretraining
-from .hub import CheckpointError, load_weights_only
+from .cell_transformer import ACTIVATIONS, CellTransformerConfig, ConversionError
 
 LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 LAYER_MAP = {
@@ -60,43 +56,19 @@ HEAD_MAP = {
 # weights of other BERT heads: not part of the masked-gene model, listed in the report
 DROPPED_PREFIXES = ("pooler.", "classifier.", "cls.seq_relationship.", "embeddings.position_ids")
 UNSEEN_LOGIT = -1e4  # bias of tokens added by the converter: never a prediction target
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def read_bert_config(folder: str | os.PathLike) -> dict:
-    """``config.json`` of a BERT folder as a dict, checked to be a model the converter reproduces."""
-    path = Path(folder) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{folder}: config.json missing; a Geneformer folder is a transformers BertForMaskedLM folder.")
-    cfg = json.loads(path.read_text())
+def check_bert_config(cfg: dict, source: str = "config.json") -> dict:
+    """``cfg`` (a BERT ``config.json`` as a dict), checked to be a model the converter reproduces."""
     if cfg.get("model_type") != "bert":
-        raise CheckpointError(f"{path}: model_type is {cfg.get('model_type')!r}, not 'bert' (Geneformer).")
+        raise ConversionError(f"{source}: model_type is {cfg.get('model_type')!r}, not 'bert' (Geneformer).")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"{path}: position_embedding_type={cfg['position_embedding_type']!r}; only absolute converts.")
+        raise ConversionError(f"{source}: position_embedding_type={cfg['position_embedding_type']!r}; only absolute converts.")
     if cfg.get("hidden_act", "gelu") not in ACTIVATIONS:
-        raise CheckpointError(f"{path}: hidden_act={cfg['hidden_act']!r}; only {sorted(ACTIVATIONS)} convert exactly.")
+        raise ConversionError(f"{source}: hidden_act={cfg['hidden_act']!r}; only {sorted(ACTIVATIONS)} convert exactly.")
     if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
-        raise CheckpointError(f"{path}: a BERT decoder or cross-attention model is not Geneformer.")
+        raise ConversionError(f"{source}: a BERT decoder or cross-attention model is not Geneformer.")
     return cfg
-
-
-def load_bert_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weights of a transformers folder: safetensors (single or sharded) or ``pytorch_model.bin`` (weights only)."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").exists():
-        return load_file(str(folder / "model.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(folder / shard)))
-        return state
-    if (folder / "pytorch_model.bin").exists():
-        # legacy pickle: anything but tensors and plain containers is refused, never run
-        return load_weights_only(folder / "pytorch_model.bin", map_location="cpu",
-                                 fix="re-download the Geneformer checkpoint")
-    raise CheckpointError(f"{folder}: no weights ({', '.join(WEIGHT_FILES)}).")
 
 
 def geneformer_config(bert: dict, *, vocab_size: int, pad_token_id: int, cls_token_id: int, mask_token_id: int | None,
@@ -119,7 +91,7 @@ def map_bert_state_dict(state: dict[str, torch.Tensor], n_added_tokens: int = 0)
     """Rename BERT weights to atlasformer's, stacking q/k/v and folding token type 0; returns ``(state, dropped)``."""
     state = {k.removeprefix("bert."): v for k, v in state.items()}
     if "embeddings.word_embeddings.weight" not in state:
-        raise CheckpointError("not a BERT state dict: embeddings.word_embeddings.weight is missing.")
+        raise ConversionError("not a BERT state dict: embeddings.word_embeddings.weight is missing.")
     words = state["embeddings.word_embeddings.weight"]
     new = {
         "backbone.embeddings.genes.weight": _extend_rows(words, n_added_tokens, 0.0),
@@ -143,7 +115,7 @@ def map_bert_state_dict(state: dict[str, torch.Tensor], n_added_tokens: int = 0)
         decoder = state.get("cls.predictions.decoder.weight", words)  # tied to the word embeddings by default
         bias = state.get("cls.predictions.bias", state.get("cls.predictions.decoder.bias"))
         if bias is None:
-            raise CheckpointError("the BERT MLM head has no bias (cls.predictions.bias).")
+            raise ConversionError("the BERT MLM head has no bias (cls.predictions.bias).")
         new["gene_head.decoder.weight"] = _extend_rows(decoder, n_added_tokens, 0.0)
         new["gene_head.decoder.bias"] = _extend_rows(bias, n_added_tokens, UNSEEN_LOGIT)
     used = {"embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
@@ -152,7 +124,7 @@ def map_bert_state_dict(state: dict[str, torch.Tensor], n_added_tokens: int = 0)
     dropped = [k for k in state if k not in used and not LAYER_KEY.match(k)]
     unknown = [k for k in dropped if not k.startswith(DROPPED_PREFIXES)]
     if unknown:
-        raise CheckpointError(f"unrecognised BERT weights {unknown[:5]}; not converting a model whose outputs could differ.")
+        raise ConversionError(f"unrecognised BERT weights {unknown[:5]}; not converting a model whose outputs could differ.")
     return new, sorted(dropped)
 
 
@@ -165,27 +137,21 @@ def _extend_rows(tensor: torch.Tensor, n: int, fill: float) -> torch.Tensor:
 
 def convert_geneformer_weights(state: dict[str, torch.Tensor], bert: dict, *, pad_token_id: int, cls_token_id: int,
                                mask_token_id: int | None, n_added_tokens: int = 0, pooling: str = "cls",
-                               ) -> tuple[CellTransformerForPretraining, dict]:
-    """Build the CellTransformerForPretraining equal to Geneformer's BERT; returns ``(model, report)``.
+                               ) -> tuple[CellTransformerConfig, dict[str, torch.Tensor], dict]:
+    """The CellTransformerForPretraining config and state dict equal to Geneformer's BERT; ``(config, state, report)``.
 
     ``n_added_tokens`` rows (e.g. a ``<cls>`` that a Geneformer V1 dictionary lacks) are appended to the
     vocabulary with zero embeddings and a logit that is never predicted.
     """
     vocab_size = int(bert["vocab_size"]) + n_added_tokens
     if state.get("bert.embeddings.word_embeddings.weight", state.get("embeddings.word_embeddings.weight")) is None:
-        raise CheckpointError("not a BERT state dict: embeddings.word_embeddings.weight is missing.")
+        raise ConversionError("not a BERT state dict: embeddings.word_embeddings.weight is missing.")
     mapped, dropped = map_bert_state_dict(state, n_added_tokens)
     rows = mapped["backbone.embeddings.genes.weight"].shape[0]
     if rows != vocab_size:
-        raise CheckpointError(f"config.json says vocab_size={bert['vocab_size']} but the embeddings have "
+        raise ConversionError(f"config.json says vocab_size={bert['vocab_size']} but the embeddings have "
                               f"{rows - n_added_tokens} rows.")
     config = geneformer_config(bert, vocab_size=vocab_size, pad_token_id=pad_token_id, cls_token_id=cls_token_id,
                                mask_token_id=mask_token_id, pooling=pooling,
                                mlm_head="gene_head.dense.weight" in mapped)  # a BertModel folder has no MLM head
-    model = CellTransformerForPretraining(config)
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"BERT weights do not fit the converted architecture (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}).")
-    model.eval()
-    return model, {"dropped": dropped, "n_added_tokens": n_added_tokens, "n_tensors": len(state)}
+    return config, mapped, {"dropped": dropped, "n_added_tokens": n_added_tokens, "n_tensors": len(state)}

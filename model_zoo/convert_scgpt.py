@@ -1,4 +1,4 @@
-"""Weight half of the scGPT converter: scGPT's state dict and ``args.json`` -> CellTransformerForPretraining.
+"""Weight half of the scGPT converter: scGPT's state dict and ``args.json`` -> a CellTransformerConfig and state dict.
 
 scGPT's ``TransformerModel`` (bowang-lab/scGPT, ``scgpt/model/model.py``) maps onto the CellTransformer
 as follows (post-norm, ReLU, gene embedding with its own LayerNorm, continuous value encoder, ``<cls>``
@@ -22,7 +22,9 @@ scGPT's MVC value is ``<W q, c>`` with ``q`` the gene query and ``c`` the cell e
 ``<q, K c + b>``, equal with ``K = W^T`` and ``b = 0``. Weights the CellTransformer has no place for
 are dropped and listed in the report (the one-class pretraining classifier, zero-probability heads,
 the adversarial batch discriminator); weights that change the forward pass (batch labels, DSBN,
-perturbation flags, non-inner-product MVC) are refused, so a converted model never silently differs.
+perturbation flags, non-inner-product MVC) are refused (:class:`ConversionError`), so a converted model never
+silently differs. Pure torch: no files are read here; ``atlasformer.checkpoints.scgpt`` reads ``best_model.pt``
+(weights only), loads the mapped state strictly and writes the model folder.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ import re
 
 import torch
 
-from .cell_transformer import CellTransformerConfig, CellTransformerForPretraining
-from .hub import CheckpointError
+from .cell_transformer import CellTransformerConfig, ConversionError
 
 # scGPT prefix -> atlasformer prefix (parameters copied as they are)
 PREFIX_MAP = {
@@ -88,7 +89,7 @@ def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("the scGPT checkpoint does not hold a state dict of tensors (best_model.pt).")
+        raise ConversionError("the scGPT checkpoint does not hold a state dict of tensors (best_model.pt).")
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DDP-wrapped saves
 
 
@@ -96,24 +97,24 @@ def scgpt_config(state: dict[str, torch.Tensor], args: dict, *, pad_token_id: in
                  mask_token_id: int | None = None) -> CellTransformerConfig:
     """The CellTransformerConfig reproducing the scGPT model of ``state`` and ``args.json``."""
     if "encoder.embedding.weight" not in state:
-        raise CheckpointError("not an scGPT state dict: encoder.embedding.weight is missing.")
+        raise ConversionError("not an scGPT state dict: encoder.embedding.weight is missing.")
     vocab_size, d_model = state["encoder.embedding.weight"].shape
     layers = sorted({int(m.group(1)) for k in state if (m := LAYER_KEY.match(k))})
     if not layers:
-        raise CheckpointError("the scGPT state dict has no transformer_encoder.layers.* weights.")
+        raise ConversionError("the scGPT state dict has no transformer_encoder.layers.* weights.")
     checks = {"embsize": d_model, "nlayers": len(layers), "d_hid": state["transformer_encoder.layers.0.linear1.weight"].shape[0]}
     for name, found in checks.items():
         if name in args and int(args[name]) != int(found):
-            raise CheckpointError(f"args.json says {name}={args[name]} but the weights have {found}; they do not belong together.")
+            raise ConversionError(f"args.json says {name}={args[name]} but the weights have {found}; they do not belong together.")
     if "nheads" not in args:
-        raise CheckpointError("args.json lacks 'nheads' (the number of attention heads cannot be read from the weights).")
+        raise ConversionError("args.json lacks 'nheads' (the number of attention heads cannot be read from the weights).")
     style = args.get("input_emb_style", "continuous")
     if style != "continuous":
-        raise CheckpointError(f"input_emb_style={style!r}: only scGPT's continuous value encoding (its released models) converts.")
+        raise ConversionError(f"input_emb_style={style!r}: only scGPT's continuous value encoding (its released models) converts.")
     if args.get("cell_emb_style", "cls") != "cls":
-        raise CheckpointError(f"cell_emb_style={args['cell_emb_style']!r}: only '<cls>' cell embeddings convert.")
+        raise ConversionError(f"cell_emb_style={args['cell_emb_style']!r}: only '<cls>' cell embeddings convert.")
     if args.get("pre_norm", False):
-        raise CheckpointError("pre_norm=True: scGPT's flash pre-norm layer has no exact counterpart; only post-norm converts.")
+        raise ConversionError("pre_norm=True: scGPT's flash pre-norm layer has no exact counterpart; only post-norm converts.")
     dropout = float(args.get("dropout", 0.2))
     return CellTransformerConfig(
         vocab_size=int(vocab_size), d_model=int(d_model), n_layers=len(layers), n_heads=int(args["nheads"]),
@@ -130,7 +131,7 @@ def map_scgpt_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     """Rename scGPT weights to atlasformer's; returns ``(new_state, {"dropped": [...], "reasons": [...]})``."""
     refused = sorted({why for key in state for prefix, why in REFUSED_PREFIXES.items() if key.startswith(prefix)})
     if refused:
-        raise CheckpointError(f"this scGPT checkpoint uses {', '.join(refused)}, which atlasformer does not reproduce.")
+        raise ConversionError(f"this scGPT checkpoint uses {', '.join(refused)}, which atlasformer does not reproduce.")
     new: dict[str, torch.Tensor] = {}
     dropped, reasons, unknown = [], set(), []
     for key, tensor in state.items():
@@ -148,24 +149,18 @@ def map_scgpt_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torc
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"unrecognised scGPT weights {unknown[:5]} ({len(unknown)} in all); not converting a model "
+        raise ConversionError(f"unrecognised scGPT weights {unknown[:5]} ({len(unknown)} in all); not converting a model "
                               "whose outputs could differ.")
     return new, {"dropped": sorted(dropped), "reasons": sorted(reasons)}
 
 
 def convert_scgpt_weights(state: dict[str, torch.Tensor], args: dict, *, pad_token_id: int, cls_token_id: int,
-                          mask_token_id: int | None = None) -> tuple[CellTransformerForPretraining, dict]:
-    """Build the CellTransformerForPretraining equal to scGPT's model; returns ``(model, report)``."""
+                          mask_token_id: int | None = None) -> tuple[CellTransformerConfig, dict[str, torch.Tensor], dict]:
+    """The CellTransformerForPretraining config and state dict equal to scGPT's model; ``(config, state, report)``."""
     state = unwrap_state_dict(state)
     config = scgpt_config(state, args, pad_token_id=pad_token_id, cls_token_id=cls_token_id, mask_token_id=mask_token_id)
     mapped, report = map_scgpt_state_dict(state)
     if "value_head.net.0.weight" not in mapped:
-        raise CheckpointError("the scGPT checkpoint has no expression decoder (decoder.fc.*); cannot convert.")
-    model = CellTransformerForPretraining(config)
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"scGPT weights do not fit the converted architecture (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}).")
-    model.eval()
+        raise ConversionError("the scGPT checkpoint has no expression decoder (decoder.fc.*); cannot convert.")
     report["n_tensors"] = len(state)
-    return model, report
+    return config, mapped, report

@@ -20,6 +20,7 @@ from .cell_transformer import (
     ValueHead,
     masked_sum_loss,
 )
+from .likelihoods import log_nb_positive, log_zinb_positive
 
 
 class ClassifierHead(nn.Module):
@@ -86,13 +87,13 @@ class LinearReadout(nn.Module):
 
 
 def build_expression_path(config: CellTransformerConfig) -> ExpressionPath | None:
-    genes = getattr(config, "expression_genes", None) or []
-    return ExpressionPath(len(genes), getattr(config, "expression_components", 0)) if genes else None
+    genes = config.expression_genes
+    return ExpressionPath(len(genes), config.expression_components) if genes else None
 
 
 def build_readout(config: CellTransformerConfig, path: ExpressionPath | None, n_out: int) -> nn.Module:
     """The task head: scGPT's MLP on the cell embedding, or a linear readout beside the expression path."""
-    if getattr(config, "readout", "mlp") == "linear":
+    if config.readout == "linear":
         return LinearReadout(config.d_model, path.out_features if path is not None else 0, n_out)
     if path is not None:
         raise ValueError("the expression path needs readout='linear'")
@@ -129,7 +130,7 @@ class CellTransformerForAnnotation(TaskModel):
 
     def __init__(self, config: CellTransformerConfig):
         super().__init__(config)
-        if not getattr(config, "id2label", None):
+        if not config.id2label:
             raise ValueError("an annotation model needs config.id2label (its class names)")
         config.task = "annotation"
         self.backbone = CellTransformer(config)
@@ -159,25 +160,6 @@ class CellTransformerForAnnotation(TaskModel):
 
 
 # ------------------------------------------------------------------------------------------ count decoders
-def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Log-likelihood of counts ``x`` under NB(mean ``mu``, inverse dispersion ``theta``), as scvi-tools."""
-    log_theta_mu = torch.log(theta + mu + eps)
-    return (theta * (torch.log(theta + eps) - log_theta_mu) + x * (torch.log(mu + eps) - log_theta_mu)
-            + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
-
-
-def log_zinb_positive(x, mu, theta, pi_logits, eps: float = 1e-8) -> torch.Tensor:
-    """Zero-inflated NB log-likelihood (``pi_logits``: logits of the extra zeros), as scvi-tools."""
-    softplus_pi = F.softplus(-pi_logits)
-    log_theta_eps = torch.log(theta + eps)
-    log_theta_mu = torch.log(theta + mu + eps)
-    pi_theta_log = -pi_logits + theta * (log_theta_eps - log_theta_mu)
-    zero = F.softplus(pi_theta_log) - softplus_pi
-    non_zero = (-softplus_pi + pi_theta_log + x * (torch.log(mu + eps) - log_theta_mu)
-                + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
-    return torch.where(x < eps, zero, non_zero)
-
-
 class ExpressionDecoder(nn.Module):
     """From a cell's representation and log library size to every gene's share of the library (softmax),
     with a per-gene NB inverse dispersion and, for ZINB, per-entry zero-inflation logits."""
@@ -240,8 +222,7 @@ class CellTransformerForIntegration(TaskModel):
 
     def __init__(self, config: CellTransformerConfig):
         super().__init__(config)
-        names = getattr(config, "batch_names", None)
-        genes = getattr(config, "feature_names", None)
+        names, genes = config.batch_names, config.feature_names
         if not names or not genes:
             raise ValueError("an integration model needs config.batch_names and config.feature_names")
         if config.value_head not in ("bins", "mse"):
@@ -251,7 +232,7 @@ class CellTransformerForIntegration(TaskModel):
         self.backbone = CellTransformer(config)
         self.batch_embedding = nn.Embedding(len(names), d)
         self.value_head = ValueHead(config)
-        self.decoder = ExpressionDecoder(2 * d, len(genes), getattr(config, "decoder_hidden", 4 * d), dropout=config.dropout)
+        self.decoder = ExpressionDecoder(2 * d, len(genes), config.decoder_hidden, dropout=config.dropout)
         self.batch_discriminator = ClassifierHead(d, len(names), dropout=config.dropout)
         self.expression_path = build_expression_path(config)  # PCs integrated beside the embedding (finetune)
         self.features = EmbeddingStandardiser(d) if self.expression_path is not None else None
@@ -276,8 +257,8 @@ class CellTransformerForIntegration(TaskModel):
         if expression is not None and self.expression_path is not None:
             # (batch, n_components + d_model): what Harmony integrates at embedding time (finetune)
             extras["joint_features"] = self.features(cell, self.expression_path(expression))
-        reversal = getattr(self.config, "adversary", "confusion") == "reversal"
-        batch_logits = self.batch_discriminator(grad_reverse(cell, getattr(self.config, "grl_scale", 1.0)) if reversal
+        reversal = self.config.adversary == "reversal"
+        batch_logits = self.batch_discriminator(grad_reverse(cell, self.config.grl_scale) if reversal
                                                 else cell.detach())
         terms: dict[str, torch.Tensor] = {}
         if batch_labels is not None:
@@ -306,9 +287,9 @@ class CellTransformerForIntegration(TaskModel):
         removes batch information instead of rewarding a confidently wrong discriminator (measured on
         cellbench_lung_lines_5batches, see docs/finetune.md).
         """
-        weight = getattr(self.config, "dab_weight", 1.0)
+        weight = self.config.dab_weight
         discriminator = F.cross_entropy(batch_logits.float(), batch_labels)
-        if getattr(self.config, "adversary", "confusion") == "reversal":
+        if self.config.adversary == "reversal":
             return {"adversarial": weight * discriminator}
         frozen = {k: v.detach() for k, v in self.batch_discriminator.named_parameters()}
         logits = torch.func.functional_call(self.batch_discriminator, frozen, (cell,)).float()  # (batch, n_batches)
@@ -326,19 +307,16 @@ class CellTransformerForImputation(TaskModel):
 
     def __init__(self, config: CellTransformerConfig):
         super().__init__(config)
-        genes = getattr(config, "feature_names", None)
+        genes = config.feature_names
         if not genes:
             raise ValueError("an imputation model needs config.feature_names (the genes it predicts)")
-        likelihood = getattr(config, "likelihood", "nb")
-        if likelihood not in ("nb", "zinb"):
-            raise ValueError(f"likelihood must be 'nb' or 'zinb', got {likelihood!r}")
         config.task = "imputation"
         self.backbone = CellTransformer(config)
         self.expression_path = build_expression_path(config)
         d_expr = self.expression_path.out_features if self.expression_path is not None else 0
         self.features = EmbeddingStandardiser(config.d_model) if self.expression_path is not None else None
-        hidden = getattr(config, "decoder_hidden", 4 * config.d_model)
-        self.decoder = ExpressionDecoder(config.d_model + d_expr, len(genes), hidden, likelihood == "zinb", config.dropout)
+        self.decoder = ExpressionDecoder(config.d_model + d_expr, len(genes), config.decoder_hidden,
+                                         config.likelihood == "zinb", config.dropout)
         self.post_init()
 
     def forward(self, input_ids=None, values=None, attention_mask=None, conditions=None,
@@ -353,7 +331,7 @@ class CellTransformerForImputation(TaskModel):
         proportions, zero_logits = self.decoder(representation, torch.log(library))
         terms = {}
         if counts is not None:
-            terms[getattr(self.config, "likelihood", "nb")] = self.decoder.nll(counts, proportions, library, zero_logits)
+            terms[self.config.likelihood] = self.decoder.nll(counts, proportions, library, zero_logits)
         loss = sum(terms.values()) if terms else None
         return CellModelOutput(loss=loss, loss_terms=terms, cell_embedding=cell, extras={"proportions": proportions})
 
@@ -369,9 +347,8 @@ class CellTransformerForModality(TaskModel):
 
     def __init__(self, config: CellTransformerConfig):
         super().__init__(config)
-        features = getattr(config, "feature_names", None)
-        modality = getattr(config, "modality", None)
-        if not features or modality not in ("protein", "atac"):
+        features = config.feature_names
+        if not features or config.modality is None:
             raise ValueError("a modality model needs config.modality ('protein' or 'atac') and config.feature_names")
         config.task = "modality"
         self.backbone = CellTransformer(config)

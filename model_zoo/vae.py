@@ -1,12 +1,12 @@
 """Classic VAE baselines as torch modules: scVI (NB / ZINB) and totalVI (RNA + protein), read top to bottom.
 
-likelihoods -> fully connected layers -> encoder / decoders -> :class:`SCVIModule` -> :class:`TOTALVIModule`.
+fully connected layers -> encoder / decoders -> :class:`SCVIModule` -> :class:`TOTALVIModule`.
 
-The architecture, likelihoods and loss follow scvi-tools (``scvi/module/_vae.py``, ``_totalvae.py``,
-``scvi/nn/_base_components.py``, ``scvi/distributions/_negative_binomial.py``) at its defaults: log1p
-encoder input, one hidden layer of 128 with batch norm (momentum 0.01, eps 0.001) and dropout 0.1, a
-batch covariate one-hot injected into every decoder layer, gene-wise dispersion, a softmax decoder scaled
-by the observed library size. Both modules return :class:`CellModelOutput` with the loss and its named
+The architecture, likelihoods (in :mod:`.likelihoods`) and loss follow scvi-tools (``scvi/module/_vae.py``,
+``_totalvae.py``, ``scvi/nn/_base_components.py``, ``scvi/distributions/_negative_binomial.py``) at its
+defaults: log1p encoder input, one hidden layer of 128 with batch norm (momentum 0.01, eps 0.001) and
+dropout 0.1, a batch covariate one-hot injected into every decoder layer, gene-wise dispersion, a softmax
+decoder scaled by the observed library size. Both modules return :class:`CellModelOutput` with the loss and its named
 terms (like scvi-tools' ``LossOutput``), so the one fine-tuning loop trains them. Tensors only: the
 AnnData-facing wrappers live in ``atlasformer.finetune.vae_models``.
 """
@@ -23,46 +23,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from .cell_transformer import CellModelOutput
-
-EPS = 1e-8
-
-
-# --------------------------------------------------------------------------------------- likelihoods
-def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Element-wise log-likelihood of counts ``x`` under NB(mean ``mu``, inverse dispersion ``theta``)."""
-    log_theta_mu = torch.log(theta + mu + eps)
-    return (theta * (torch.log(theta + eps) - log_theta_mu) + x * (torch.log(mu + eps) - log_theta_mu)
-            + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
-
-
-def log_zinb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor,
-                      eps: float = EPS) -> torch.Tensor:
-    """Element-wise log-likelihood under a zero-inflated NB; ``zi_logits`` are the logits of the extra zeros."""
-    softplus_neg = F.softplus(-zi_logits)  # -log(1 - pi)
-    log_theta_mu = torch.log(theta + mu + eps)
-    pi_theta_log = -zi_logits + theta * (torch.log(theta + eps) - log_theta_mu)
-    case_zero = F.softplus(pi_theta_log) - softplus_neg
-    case_non_zero = (-softplus_neg + pi_theta_log + x * (torch.log(mu + eps) - log_theta_mu)
-                     + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
-    return torch.where(x < EPS, case_zero, case_non_zero)  # counts: zero vs positive, whatever eps
-
-
-def log_nb_mixture(x: torch.Tensor, mu_background: torch.Tensor, mu_foreground: torch.Tensor, theta: torch.Tensor,
-                   background_logits: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Element-wise log-likelihood under a two-component NB mixture sharing ``theta`` (totalVI's protein model).
-
-    ``background_logits`` are the logits of belonging to the background component.
-    """
-    log_background = log_nb_positive(x, mu_background, theta, eps)
-    log_foreground = log_nb_positive(x, mu_foreground, theta, eps)
-    # log(sigmoid(l) * nb_back + sigmoid(-l) * nb_fore) = logsumexp(back, fore - l) - softplus(-l)
-    return torch.logsumexp(torch.stack((log_background, log_foreground - background_logits)), dim=0) \
-        - F.softplus(-background_logits)
-
-
-def nb_mixture_mean(mu_background, mu_foreground, background_logits) -> torch.Tensor:
-    probability = torch.sigmoid(background_logits)
-    return probability * mu_background + (1 - probability) * mu_foreground
+from .likelihoods import log_nb_mixture, log_nb_positive, log_zinb_positive, nb_mixture_mean
 
 
 # --------------------------------------------------------------------------------------- layers

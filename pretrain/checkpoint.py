@@ -3,7 +3,7 @@
 A checkpoint holds the model and optimizer state in the engine's format (``model.safetensors`` +
 ``optimizer.pt`` for ddp; sharded safetensors under ``sharded/`` for fsdp; DeepSpeed's ZeRO files
 under ``deepspeed/``), the scheduler state, every rank's RNG state and data position, and the resolved
-config. Pickled files are only ever read weights-only (:func:`~atlasformer.model_zoo.hub.load_weights_only`).
+config. Pickled files are only ever read weights-only (:func:`~atlasformer.checkpoints.load_weights_only`).
 It is written into a temporary folder and renamed; ``checksums.json`` (size and SHA-256 of every other
 file) and then the ``COMPLETE`` marker are the last files written, and only folders holding the marker
 are ever resumed from. A resume checks the files against ``checksums.json`` first and falls back to
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from atlasformer.model_zoo.hub import CheckpointError, load_safetensors, load_weights_only, sha256
+from atlasformer.checkpoints import CheckpointError, load_safetensors, load_weights_only, sha256
 from atlasformer.tokenization import InputError
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from atlasformer.model_zoo.hub import load_safetensors, load_weights_only
+from atlasformer.checkpoints import load_safetensors, load_weights_only
 
 from .checkpoint import CHECKPOINT_FIX, weights_only_deepspeed_checkpoint_engine
 

@@ -7,6 +7,7 @@ log / evaluate / checkpoint at intervals -> export the model folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atlasformer.checkpoints import export_model_folder, load_model_folder, refuse_foreign_model_folder
 from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining, count_parameters
 from atlasformer.model_zoo.cell_transformer import training_flops
-from atlasformer.model_zoo.hub import refuse_foreign_model_folder
+from atlasformer.model_zoo.from_tokenizer import VALUE_HEAD, config_for_tokenizer
 from atlasformer.tokenization import (
     BatchOrder,
     CellTokenizer,
@@ -44,7 +46,6 @@ from atlasformer.tokenization.streaming import held_out_count
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
 from .engine import BaseEngine, configure_threads, make_engine, peak_tflops
-from .export import export_model_folder, load_model_folder
 from .objectives import mask_batch
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,28 @@ def load_corpus(cfg: PretrainConfig, rank: int, world_size: int, log):
     return tokenizer, loader, eval_cells, eval_conditions, loader.condition_names
 
 
+TOKENIZER_FIELDS = ("kind", "n_bins", "max_seq_len", "selection", "target_sum", "gene_id_mode")
+
+
+def adopt_corpus_tokenizer(cfg: PretrainConfig, tokenizer: CellTokenizer) -> tuple[PretrainConfig, str]:
+    """``cfg`` with the corpus's tokenizer (a corpus is tokenized once, so it decides), and that decision in words
+    when the config asked for another one ('' when they agree). Objectives are checked against the corpus's kind."""
+    asked, used = cfg.tokenizer, tokenizer.config
+    differ = [f"{name} {getattr(used, name)} (the config asks {getattr(asked, name)})"
+              for name in TOKENIZER_FIELDS if getattr(asked, name) != getattr(used, name)]
+    try:
+        adopted = dataclasses.replace(cfg, tokenizer=used)  # validates the objectives for the corpus's kind
+    except ValueError as err:
+        raise InputError(f"{cfg.data[0]} holds {used.kind} tokens: {err}") from err
+    if not differ:
+        return adopted, ""
+    decision = (f"{cfg.data[0]} was tokenized with {', '.join(differ)}: pretraining with the corpus's tokenizer "
+                "(rebuild the corpus with `atlasformer tokenize` to change it)")
+    if adopted.objectives != cfg.objectives:
+        decision += f"; objectives {adopted.objectives} for its {used.kind} tokens"
+    return adopted, decision
+
+
 def condition_keys(cfg: PretrainConfig) -> list[str]:
     """obs columns that become condition tokens: batch_key first, then condition_keys."""
     return ([cfg.batch_key] if cfg.batch_key else []) + [k for k in cfg.condition_keys if k != cfg.batch_key]
@@ -202,24 +225,16 @@ def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, n_conditions: int)
     if unknown:
         raise InputError(f"unknown model settings {sorted(unknown)}; see configs/model/*.yaml for the fields.")
     kind = tokenizer.config.kind
-    arch = {
-        "value_encoding": {"binned": "category", "continuous": "continuous", "rank": "none"}[kind],
+    heads = {
         # no value head without its objective: an unused head makes multi-process DDP fail
-        "value_head": {"binned": "bins", "continuous": "mse", "rank": "none"}[kind] if "masked_value" in cfg.objectives else "none",
+        "value_head": VALUE_HEAD[kind] if "masked_value" in cfg.objectives else "none",
         "gene_head": kind == "rank" or "masked_gene" in cfg.objectives,
         "mvc_head": "mvc" in cfg.objectives,
-        "max_position_embeddings": tokenizer.config.max_seq_len + 1 if kind == "rank" else 0,
-        **cfg.model,
     }
-    config = CellTransformerConfig(
-        vocab_size=len(tokenizer.vocab),
-        n_bins=tokenizer.config.n_bins,
-        n_conditions=n_conditions,
-        pad_token_id=tokenizer.vocab.pad_id,
-        cls_token_id=tokenizer.vocab.cls_id,
-        mask_token_id=tokenizer.vocab.mask_id,
-        **arch,
-    )
+    try:
+        config = config_for_tokenizer(tokenizer, n_conditions=n_conditions, **{**heads, **cfg.model})
+    except ValueError as err:
+        raise InputError(str(err)) from err
     return CellTransformerForPretraining(config)
 
 
@@ -345,6 +360,13 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
     if len(cfg.data) == 1 and is_corpus(cfg.data[0]):
         tokenizer, order, cells, conditions, condition_names = load_corpus(cfg, engine.rank, engine.world_size, log)
         train_rows, eval_rows, n_train = None, np.arange(len(cells)), order.n_train_cells
+        cfg, decision = adopt_corpus_tokenizer(cfg, tokenizer)
+        if decision:  # printed, and recorded in config.json and the exported model's manifest
+            log(decision, logging.WARNING)
+            run_config.update(tokenizer=json.loads(json.dumps(asdict(cfg.tokenizer), default=str)),
+                              objectives=dict(cfg.objectives), tokenizer_decision=decision)
+            if engine.is_main:
+                (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     else:
         inputs = _open(cfg)
         tokenizer = make_tokenizer(cfg, inputs)

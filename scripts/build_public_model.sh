@@ -16,7 +16,7 @@ AF=${AF:-.venv/bin/atlasformer}
 DATA=${DATA:-../shared/data}
 THREADS=${THREADS:-1}
 OUT=${OUT:-runs/public-small}
-SHIPPED=model_zoo/pretrained/atlasformer-public-small
+SHIPPED=checkpoints/pretrained/atlasformer-public-small
 
 # the corpus: every human RNA file of ../shared/data (the mouse files are left out)
 CORPUS=()

@@ -1,6 +1,6 @@
 """Compare the weights of two model folders tensor by tensor: identical, or the largest absolute difference.
 
-    python scripts/compare_weights.py runs/public-small/model model_zoo/pretrained/atlasformer-public-small
+    python scripts/compare_weights.py runs/public-small/model checkpoints/pretrained/atlasformer-public-small
 
 Prints one line per differing tensor and, last, a JSON summary; exits 0 either way (a difference at another
 thread count is expected and reported, not an error), 2 when the folders hold different tensors. Where one folder

@@ -1,7 +1,7 @@
 """Copy a pretraining run's model into the package as atlasformer-public-small, with a model card that states the
 corpus, steps, compute and held-out loss.
 
-    python scripts/ship_model.py runs/public-small model_zoo/pretrained/atlasformer-public-small [SECONDS THREADS [DTYPE]]
+    python scripts/ship_model.py runs/public-small checkpoints/pretrained/atlasformer-public-small [SECONDS THREADS [DTYPE]]
 
 The run folder holds ``model/`` and ``metrics.jsonl`` (written by ``atlasformer pretrain``). Corpus files are
 named without their local folders, so the card holds no path of this machine. ``DTYPE`` float16 stores the
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from atlasformer.checkpoints import export_model_folder, load_model_folder
 from atlasformer.model_zoo.cell_transformer import training_flops
-from atlasformer.pretrain.export import export_model_folder, load_model_folder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 

@@ -8,12 +8,12 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from atlasformer.checkpoints import export_model_folder
 from atlasformer.cli import main
 from atlasformer.finetune.benchmark import BenchmarkConfig, dataset_name, result_rows, run_benchmark
 from atlasformer.finetune.benchmark_report import summary_table, verdict
 from atlasformer.finetune.config import FinetuneConfig
 from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining
-from atlasformer.pretrain.export import export_model_folder
 from atlasformer.tokenization import CellTokenizer, TokenizerConfig, build_vocab
 
 ROW_KEYS = {"task", "dataset", "method", "metric", "seed", "value"}

@@ -12,11 +12,15 @@ from hub_cache import add_to_hub_cache, hub_cache  # noqa: F401  (fixture)
 from transformers import BertConfig, BertForMaskedLM
 
 import atlasformer
+from atlasformer.checkpoints import (
+    CheckpointError,
+    convert_geneformer,
+    detect_format,
+    load_model_folder,
+    resolve_model,
+)
 from atlasformer.cli import main
 from atlasformer.finetune import Annotator, FinetuneConfig
-from atlasformer.model_zoo import CheckpointError
-from atlasformer.pretrain.convert import convert_geneformer, detect_format, resolve_model
-from atlasformer.pretrain.export import load_model_folder
 from atlasformer.tokenization import read_h5ad
 
 SPECIALS_V2 = ["<pad>", "<mask>", "<cls>", "<eos>"]

@@ -15,12 +15,10 @@ import torch
 from hub_cache import add_to_hub_cache, hub_cache  # noqa: F401  (fixture)
 
 import atlasformer
+from atlasformer.checkpoints import CheckpointError, convert_scgpt, load_model_folder, resolve_model
+from atlasformer.checkpoints import scgpt as scgpt_module
 from atlasformer.cli import main
 from atlasformer.finetune import Annotator, FinetuneConfig
-from atlasformer.model_zoo import CheckpointError
-from atlasformer.pretrain import convert as convert_module
-from atlasformer.pretrain.convert import convert_scgpt, resolve_model
-from atlasformer.pretrain.export import load_model_folder
 from atlasformer.tokenization import read_h5ad
 
 SYMBOLS = ["CD3D", "CD3E", "MS4A1", "CD14", "LYZ", "NKG7", "GNLY", "CD8A", "FCGR3A", "PPBP", "NOT_A_GENE_1", "NOT_A_GENE_2"]
@@ -158,7 +156,7 @@ def test_on_the_fly_conversion_is_cached_and_loads_by_hub_id(scgpt_model_class, 
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again instead of using the cache")
 
-    monkeypatch.setattr(convert_module, "_convert_scgpt_folder", no_second_conversion)
+    monkeypatch.setattr(scgpt_module, "convert_scgpt_folder", no_second_conversion)
     again, _ = atlasformer.from_pretrained("bowang-lab/scGPT-tiny", subfolder="whole_human")
     assert torch.equal(again.backbone.embeddings.genes.weight, model.backbone.embeddings.genes.weight)
     assert len(tokenizer.vocab) == len(vocab)

@@ -1,5 +1,6 @@
 """The dependency direction of the layout: tokenization and model_zoo are leaves, model_zoo never imports
-anndata, pretrain uses those two, finetune uses all three, nothing imports the root or scripts/."""
+anndata, checkpoints (model folders) uses those two, pretrain uses those three, finetune uses all four, nothing
+imports the root or scripts/; model-folder I/O is imported from checkpoints only."""
 
 import ast
 import subprocess
@@ -9,16 +10,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("tokenization", "model_zoo", "pretrain", "finetune")
+STAGES = ("tokenization", "model_zoo", "checkpoints", "pretrain", "finetune")
 ROOT_MODULES = {"atlasformer.cli", "atlasformer.config", "atlasformer.api", "atlasformer.settings", "atlasformer"}
 
 # stage -> atlasformer stages it may import
 ALLOWED = {
     "tokenization": set(),
     "model_zoo": set(),
-    "pretrain": {"tokenization", "model_zoo"},
-    "finetune": {"tokenization", "model_zoo", "pretrain"},
+    "checkpoints": {"tokenization", "model_zoo"},
+    "pretrain": {"tokenization", "model_zoo", "checkpoints"},
+    "finetune": {"tokenization", "model_zoo", "checkpoints", "pretrain"},
 }
+# model-folder I/O: writing, reading, resolving, converting, pushing; one home, atlasformer.checkpoints
+FOLDER_IO = {"export_model_folder", "load_model_folder", "load_model", "resolve_model", "read_manifest", "write_manifest",
+             "atomic_folder", "push_model_folder", "convert_scgpt", "convert_geneformer", "save_vae_folder",
+             "load_vae_folder", "load_weights_only", "load_safetensors"}
 FORBIDDEN_THIRD_PARTY = {"model_zoo": {"anndata", "scanpy", "mudata", "tiledbsoma"}}
 
 
@@ -49,6 +55,18 @@ def test_stage_imports_point_one_way(stage):
             assert parts[0] not in FORBIDDEN_THIRD_PARTY.get(stage, set()), f"{path}: {stage} may not import {parts[0]}"
 
 
+def test_model_folder_io_is_imported_from_checkpoints_only():
+    """No stage, script or test imports model-folder I/O from anywhere but atlasformer.checkpoints (finetune uses
+    the pretrain engine for its fit loop, never pretrain for folders)."""
+    folders = [*STAGES, "atlasformer", "scripts", "benchmarks", "tests"]
+    for path in sorted(p for folder in folders for p in (REPO / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("atlasformer"):
+                names = {alias.name for alias in node.names} & FOLDER_IO
+                assert not names or node.module.startswith("atlasformer.checkpoints"), (
+                    f"{path}: imports {sorted(names)} from {node.module}; model folders live in atlasformer.checkpoints")
+
+
 def test_nothing_imports_scripts():
     for path in list(REPO.rglob("*.py")):
         if ".venv" in path.parts or "scripts" in path.parts:
@@ -65,8 +83,8 @@ def test_model_zoo_runtime_does_not_load_anndata():
 
 def test_only_atlasformer_is_installed_as_top_level(tmp_path):
     """Outside the checkout, the generic folder names are not importable: only atlasformer is installed."""
-    code = ("import importlib.util as u; print([n for n in ('tokenization', 'finetune', 'model_zoo', 'pretrain') "
-            "if u.find_spec(n)]); import atlasformer.tokenization, atlasformer.finetune")
+    code = ("import importlib.util as u; print([n for n in ('tokenization', 'finetune', 'model_zoo', 'checkpoints', 'pretrain') "
+            "if u.find_spec(n)]); import atlasformer.tokenization, atlasformer.checkpoints, atlasformer.finetune")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]"
 
@@ -82,5 +100,6 @@ def test_wheel_installs_only_atlasformer(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"atlasformer"}, top
     for required in ("atlasformer/cli.py", "atlasformer/tokenization/tokenizer.py", "atlasformer/model_zoo/cell_transformer.py",
-                     "atlasformer/pretrain/train.py", "atlasformer/finetune/fit.py", "atlasformer/configs/model/tiny.yaml"):
+                     "atlasformer/checkpoints/folder.py", "atlasformer/pretrain/train.py", "atlasformer/finetune/fit.py",
+                     "atlasformer/configs/model/tiny.yaml"):
         assert required in names, required

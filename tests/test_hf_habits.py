@@ -13,14 +13,9 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 import atlasformer
+from atlasformer.checkpoints import CheckpointError, export_model_folder
 from atlasformer.finetune import Annotator, FinetuneConfig, annotate, finetune_file
-from atlasformer.model_zoo import (
-    CellTransformer,
-    CellTransformerConfig,
-    CellTransformerForPretraining,
-    CheckpointError,
-)
-from atlasformer.pretrain.export import export_model_folder
+from atlasformer.model_zoo import CellTransformer, CellTransformerConfig, CellTransformerForPretraining
 from atlasformer.tokenization import CellTokenizer, GeneVocab, TokenizerConfig
 
 

@@ -11,14 +11,20 @@ from hub_cache import add_to_hub_cache, hub_cache  # noqa: F401  (fixture)
 from huggingface_hub import HfApi, scan_cache_dir
 
 import atlasformer
+from atlasformer.checkpoints import (
+    FORMAT_VERSION,
+    CheckpointError,
+    export_model_folder,
+    load_model_folder,
+    push_model_folder,
+    read_manifest,
+)
 from atlasformer.cli import main
 from atlasformer.model_zoo import (
     CellTransformerConfig,
     CellTransformerForAnnotation,
     CellTransformerForPretraining,
 )
-from atlasformer.model_zoo.hub import FORMAT_VERSION, CheckpointError, push_model_folder, read_manifest
-from atlasformer.pretrain.export import export_model_folder, load_model_folder
 from atlasformer.tokenization import CellTokenizer, GeneVocab, TokenizerConfig
 
 BENCHMARK_ROWS = [

@@ -6,8 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from atlasformer.model_zoo import CheckpointError
-from atlasformer.pretrain.export import load_model_folder
+from atlasformer.checkpoints import CheckpointError, load_model_folder
 from atlasformer.tokenization import (
     CellTokenizer,
     GeneVocab,

@@ -25,13 +25,11 @@ from huggingface_hub.errors import HfHubHTTPError
 from matplotlib.figure import Figure
 
 import atlasformer
+from atlasformer.checkpoints import CheckpointError, export_model_folder, push_model_folder, resolve_model
 from atlasformer.cli import main
 from atlasformer.finetune import plots
 from atlasformer.finetune.metrics import plot_confusion_matrix
-from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining, CheckpointError
-from atlasformer.model_zoo.hub import push_model_folder
-from atlasformer.pretrain.convert import resolve_model
-from atlasformer.pretrain.export import export_model_folder
+from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining
 from atlasformer.pretrain.train import split_rows
 from atlasformer.tokenization import CellTokenizer, GeneVocab, TokenizerConfig
 from atlasformer.tokenization.streaming import split_blocks

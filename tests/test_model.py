@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from atlasformer.checkpoints import CheckpointError, export_model_folder, load_model_folder, read_manifest
 from atlasformer.model_zoo import (
     CellTransformerConfig,
     CellTransformerForAnnotation,
     CellTransformerForPretraining,
 )
-from atlasformer.model_zoo.hub import CheckpointError, read_manifest
-from atlasformer.pretrain.export import export_model_folder, load_model_folder
 from atlasformer.tokenization import CellTokenizer, GeneVocab, TokenizerConfig
 
 
@@ -79,7 +78,8 @@ def test_model_folder_round_trip_gives_identical_outputs(tmp_path):
 def test_annotation_folder_keeps_labels(tmp_path):
     vocab = GeneVocab([f"G{i}" for i in range(37)])
     model = CellTransformerForAnnotation(tiny(id2label={0: "B cell", 1: "T cell"})).eval()
-    folder = export_model_folder(model, CellTokenizer(vocab), tmp_path / "ann", {})
+    tokenizer = CellTokenizer(vocab, TokenizerConfig(n_bins=model.config.n_bins))  # the tokenizer it was built for
+    folder = export_model_folder(model, tokenizer, tmp_path / "ann", {})
     loaded, _ = load_model_folder(folder)
     assert isinstance(loaded, CellTransformerForAnnotation)
     assert loaded.config.id2label == {0: "B cell", 1: "T cell"}

@@ -29,9 +29,8 @@ from test_hub import tiny_folder
 from test_safety import RunsCode
 
 import atlasformer
+from atlasformer.checkpoints import CheckpointError, load_model, push_model_folder, sha256, write_manifest
 from atlasformer.cli import main
-from atlasformer.model_zoo import CheckpointError, load_model, write_manifest
-from atlasformer.model_zoo.hub import push_model_folder, sha256
 from atlasformer.pretrain.checkpoint import latest_checkpoint
 from atlasformer.tokenization import (
     Corpus,
@@ -273,7 +272,7 @@ def assert_atlasformer_refusal(message: str, marker: Path) -> None:
 
 
 def test_the_shared_loader_refuses_code_with_its_own_message(tmp_path):
-    from atlasformer.model_zoo.hub import load_weights_only
+    from atlasformer.checkpoints import load_weights_only
 
     marker = tmp_path / "pwned"
     torch.save({"weight": torch.zeros(2), "payload": RunsCode(marker)}, tmp_path / "optimizer.pt")
@@ -285,7 +284,7 @@ def test_the_shared_loader_refuses_code_with_its_own_message(tmp_path):
 
 
 def test_geneformer_pytorch_model_bin_that_runs_code_gets_the_same_message(tmp_path):
-    from atlasformer.model_zoo.convert_geneformer import load_bert_state_dict
+    from atlasformer.checkpoints.geneformer import load_bert_state_dict
 
     marker = tmp_path / "pwned"
     torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(4, 8), "x": RunsCode(marker)},
@@ -297,7 +296,8 @@ def test_geneformer_pytorch_model_bin_that_runs_code_gets_the_same_message(tmp_p
 
 def test_every_torch_load_goes_through_the_shared_helper():
     offenders = []
-    for package in ("atlasformer", "tokenization", "model_zoo", "pretrain", "finetune", "scripts", "benchmarks"):
+    for package in ("atlasformer", "tokenization", "model_zoo", "checkpoints", "pretrain", "finetune", "scripts",
+                    "benchmarks"):
         for path in (REPO / package).rglob("*.py"):
             tree = ast.parse(path.read_text())
             helper = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "load_weights_only"

@@ -7,10 +7,9 @@ import hashlib
 import pytest
 from test_convert_geneformer import GENES, make_geneformer_repo
 
+from atlasformer.checkpoints import CheckpointError, convert_geneformer, export_model_folder
 from atlasformer.cli import main
-from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining, CheckpointError
-from atlasformer.pretrain.convert import convert_geneformer
-from atlasformer.pretrain.export import export_model_folder
+from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining
 from atlasformer.tokenization import CellTokenizer, GeneVocab, InputError
 from atlasformer.tokenization.outputs import prepare_output_folder
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from atlasformer.checkpoints import load_model_folder
 from atlasformer.model_zoo import CellTransformerForPretraining
-from atlasformer.pretrain import PretrainConfig, latest_checkpoint, load_model_folder, train
+from atlasformer.pretrain import PretrainConfig, latest_checkpoint, train
 from atlasformer.tokenization import InputError, TokenizerConfig
 
 

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from atlasformer.model_zoo import (
-    CellTransformerConfig,
-    CellTransformerForPretraining,
+from atlasformer.checkpoints import (
     CheckpointError,
+    convert_scgpt,
+    export_model_folder,
     load_model,
 )
-from atlasformer.pretrain.convert import convert_scgpt
-from atlasformer.pretrain.export import export_model_folder
+from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining
 from atlasformer.tokenization import CellTokenizer, GeneVocab, InputError
 from atlasformer.tokenization.convert import safe_load_pickle
 
@@ -98,7 +97,8 @@ def test_models_load_from_safetensors_only_and_tampering_is_caught(tmp_path):
 
 def test_no_code_path_passes_trust_remote_code():
     offenders = []
-    for package in ("atlasformer", "tokenization", "model_zoo", "pretrain", "finetune", "scripts", "benchmarks"):
+    for package in ("atlasformer", "tokenization", "model_zoo", "checkpoints", "pretrain", "finetune", "scripts",
+                    "benchmarks"):
         for path in (REPO / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":

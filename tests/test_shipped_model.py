@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import atlasformer
-from atlasformer.model_zoo.hub import SHIPPED_MODELS, shipped_model_folder
+from atlasformer.checkpoints import SHIPPED_MODELS, shipped_model_folder
 
 NAME = "atlasformer-public-small"
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_the_cli_names_the_shipped_model_the_hub_module_ships():
 
 
 def test_a_missing_shipped_folder_names_the_fix(monkeypatch, tmp_path):
-    import atlasformer.model_zoo.hub as hub
+    import atlasformer.checkpoints.hub as hub
 
     monkeypatch.setattr(hub, "__file__", str(tmp_path / "hub.py"))
     with pytest.raises(hub.CheckpointError, match="reinstall"):
@@ -77,8 +77,8 @@ def test_the_wheel_carries_the_shipped_model(tmp_path):
     wheel = next(tmp_path.glob("atlasformer-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for file in ("model.safetensors", "config.json", "vocab.json", "tokenizer_config.json", "atlasformer.json"):
-        assert f"atlasformer/model_zoo/pretrained/{NAME}/{file}" in names
-    manifest = json.loads(zipfile.ZipFile(wheel).read(f"atlasformer/model_zoo/pretrained/{NAME}/atlasformer.json"))
+        assert f"atlasformer/checkpoints/pretrained/{NAME}/{file}" in names
+    manifest = json.loads(zipfile.ZipFile(wheel).read(f"atlasformer/checkpoints/pretrained/{NAME}/atlasformer.json"))
     assert "model.safetensors" in manifest["files"]
 
 
@@ -87,8 +87,8 @@ def test_ship_and_compare_scripts_round_trip(tmp_path, sim_adata):
     local path; scripts/compare_weights.py finds it identical to the run's model and names a changed tensor."""
     from safetensors.numpy import load_file, save_file
 
+    from atlasformer.checkpoints import export_model_folder
     from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForPretraining
-    from atlasformer.pretrain.export import export_model_folder
     from atlasformer.tokenization import CellTokenizer, TokenizerConfig, build_vocab
 
     vocab = build_vocab([sim_adata], gene_id_mode="raw")

@@ -128,16 +128,6 @@ def check_counts(counts: sp.csr_matrix, *, source: str, layer: str | None = None
         )
 
 
-def check_gene_names(names: pd.Index, *, source: str) -> None:
-    """Raise :class:`InputError` for duplicate gene names."""
-    duplicated = names[names.duplicated()]
-    if len(duplicated):
-        raise InputError(
-            f"{source}: {len(duplicated)} duplicate gene names (e.g. {list(duplicated.unique()[:3])}). "
-            "Make them unique (adata.var_names_make_unique()) or aggregate duplicates before tokenizing."
-        )
-
-
 def check_obs_key(obs: pd.DataFrame, key: str | None, *, source: str, what: str = "labels_key") -> None:
     """Raise :class:`InputError` when ``key`` is not an obs column."""
     if key is not None and key not in obs.columns:

@@ -12,13 +12,14 @@ token's id, so both converted vocabularies match files with symbols or Ensembl I
 
 Geneformer's dictionaries are pickles. :func:`safe_load_pickle` unpickles them with an allow-list of
 plain containers, strings and numbers (numpy scalars and numeric arrays included); any other import
-the file asks for is refused before anything runs.
+the file asks for is refused before anything runs. ``atlasformer.checkpoints`` locates and reads the
+checkpoint's files, calls these and the weight half (``atlasformer.model_zoo.convert_scgpt`` /
+``convert_geneformer``), and writes the model folder.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 from collections import OrderedDict
@@ -257,11 +258,3 @@ def find_geneformer_dictionaries(search_root: str | os.PathLike, vocab_size: int
         gene_medians = max(overlap, key=overlap.get)
     return Path(token_dictionary), Path(gene_medians)
 
-
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON file as a dict, with an error naming the file when it is not valid JSON."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot be read as JSON ({err}).") from err

@@ -47,7 +47,7 @@ from .corpus_format import (
     write_json_atomic,
 )
 from .corpus_inputs import CorpusInput, expand_corpus_paths, open_corpus_input
-from .data import build_vocab, resolve_genes
+from .data import build_vocab, resolve_genes, vocab_column_ids
 from .gene_ids import require_identifiers
 from .medians import MedianAccumulator
 from .outputs import refuse_output_over_inputs
@@ -376,18 +376,6 @@ def _new_tokenizer(root: Path, vocab: GeneVocab, tok_config: TokenizerConfig, so
     return CellTokenizer(vocab, tok_config, gene_medians=accumulator.medians())
 
 
-def _column_ids(source: CorpusInput, resolution, tokenizer: CellTokenizer) -> np.ndarray:
-    """Vocabulary id of each of the input's genes (-1: not in the vocabulary); no shared gene is an error."""
-    column_ids = tokenizer.column_ids(resolution.keys)
-    if not (column_ids >= 0).any():
-        examples = ", ".join(repr(k) for k in resolution.keys[:3])
-        raise InputError(
-            f"{source.path}: no overlap with the vocabulary: none of its {len(column_ids)} genes (keys {examples}, ...) "
-            "is a vocabulary gene. Check that var names (or --gene-key) hold gene symbols or Ensembl IDs of the "
-            "model's species, or pass a gene table (tokenizer.gene_table) for another species.")
-    return column_ids
-
-
 def _prepare_inputs(sources, resolutions, tokenizer: CellTokenizer, config: CorpusConfig, excluded, given: bool,
                     log) -> list[_Prepared]:
     """Column ids and overlap checks of every input before anything is written."""
@@ -395,7 +383,7 @@ def _prepare_inputs(sources, resolutions, tokenizer: CellTokenizer, config: Corp
     for source in sources:
         try:
             resolution = resolutions[id(source)]
-            column_ids = _column_ids(source, resolution, tokenizer)
+            column_ids = vocab_column_ids(tokenizer, resolution.keys, source=str(source.path))
             overlap = None
             if given:  # a model's vocabulary: check the overlap on expressed genes before writing
                 expressed = source.expressed(layer=config.layer, chunk_size=config.chunk_size)

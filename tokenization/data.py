@@ -186,15 +186,20 @@ def _columns_in_vocab(adata: ad.AnnData, tokenizer: CellTokenizer, *, gene_key: 
     cfg = tokenizer.config
     resolution = resolve_genes(adata, gene_key, source=source, gene_id_mode=cfg.gene_id_mode, gene_table=cfg.gene_table)
     require_identifiers(resolution, source)
-    column_ids = tokenizer.column_ids(resolution.keys)
+    return resolution, vocab_column_ids(tokenizer, resolution.keys, source=source)
+
+
+def vocab_column_ids(tokenizer: CellTokenizer, keys, *, source: str) -> np.ndarray:
+    """Vocabulary id of each gene key (-1: not in the vocabulary); a file sharing no gene with it is an error."""
+    column_ids = tokenizer.column_ids(keys)
     if not (column_ids >= 0).any():
-        examples = ", ".join(repr(k) for k in resolution.keys[:3])
+        examples = ", ".join(repr(k) for k in keys[:3])
         raise InputError(
-            f"{source}: no overlap with the vocabulary: none of its {adata.n_vars} genes (keys {examples}, ...) "
-            "is a vocabulary gene. Check that var names (or gene_key) hold gene symbols or Ensembl IDs of the "
-            "model's species, or pass a gene table (tokenizer.gene_table) for another species."
+            f"{source}: no overlap with the vocabulary: none of its {len(column_ids)} genes (keys {examples}, ...) "
+            "is a vocabulary gene. Check that var names (or gene_key / --gene-key) hold gene symbols or Ensembl IDs "
+            "of the model's species, or pass a gene table (tokenizer.gene_table) for another species."
         )
-    return resolution, column_ids
+    return column_ids
 
 
 def _encode_chunk(tokenizer: CellTokenizer, chunk, column_ids: np.ndarray, cell_offset: int,

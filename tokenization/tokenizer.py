@@ -368,15 +368,6 @@ class CellTokenizer:
         self._gene_hash = uint32_hash(self.config.seed, np.arange(len(vocab)), stream=2)  # (vocab,) uint32
 
     # ---------------------------------------------------------------- genes
-    def gene_token_ids(self, gene_keys, *, source: str = "data", expressed: np.ndarray | None = None) -> np.ndarray:
-        """Vocabulary id of each column (-1 if unknown or None), checking overlap with the vocabulary.
-
-        ``expressed`` (bool per column) restricts the overlap to genes with any counts.
-        """
-        ids = self.column_ids(gene_keys)
-        self.check_overlap(ids, source=source, expressed=expressed)
-        return ids
-
     def column_ids(self, gene_keys) -> np.ndarray:
         """(genes,) int64 vocabulary id of each key; -1 for unknown keys and for None (dropped genes)."""
         keys = pd.Index(gene_keys, dtype=object)

@@ -1,18 +1,15 @@
-"""Model folders: export a trained model with its tokenizer, manifest and card; load one back.
+"""Model cards: the ``README.md`` of every model folder (docs/formats.md), transformer and VAE alike.
 
-The model (``config.json``, ``model.safetensors``) is saved by model_zoo and the tokenizer
-(``vocab.json``, ``tokenizer_config.json``, ``gene_medians.json``) by tokenization, side by side, as
-transformers saves a model and its tokenizer. See docs/formats.md.
+Front matter for the hub, then architecture, tokenizer or inputs, training, task, metrics, a benchmark
+table when one was run, a usage snippet, and licence and provenance. Cards name files and folders,
+never an absolute local path (:func:`public_name`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
-
-from atlasformer.model_zoo import CheckpointError, atomic_folder, count_parameters, load_model, write_manifest
+from atlasformer.model_zoo import count_parameters
 from atlasformer.tokenization import CellTokenizer
 
 
@@ -119,43 +116,40 @@ def provenance_lines(run_config: dict) -> list[str]:
     return lines
 
 
-def export_model_folder(model, tokenizer: CellTokenizer, output: str | Path, run_config: dict, summary: dict | None = None,
-                        benchmark: list[dict] | None = None, *, overwrite: bool = False) -> Path:
-    """Write model + tokenizer + manifest + card into ``output`` atomically (temporary folder, then rename).
-
-    ``benchmark`` rows (the ``results.json`` of ``atlasformer benchmark``) become a table in the card. An
-    existing ``output`` holding files atlasformer did not write is refused unless ``overwrite``.
-    """
-    output = Path(output)
-    with atomic_folder(output, overwrite=overwrite) as tmp:
-        hf_logging.disable_progress_bar()  # one shard: a progress bar per export is noise
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save(tmp)
-        (tmp / "README.md").write_text(model_card(model, tokenizer, run_config, summary, benchmark))
-        if summary:
-            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
-        write_manifest(tmp, run_config)
-    return output
+# the AnnData-facing wrapper of each VAE module (atlasformer.finetune), for the card's usage snippet
+VAE_WRAPPERS = {"SCVIModule": "SCVIModel", "TOTALVIModule": "TOTALVIModel"}
 
 
-def load_model_folder(folder: str | Path, verify: bool = True):
-    """Load ``(model, tokenizer)`` from a local model folder, checking files and checksums."""
-    folder = Path(folder)
-    tokenizer_files = [n for n in ("vocab.json", "tokenizer_config.json") if not (folder / n).exists()]
-    if tokenizer_files and all((folder / n).exists() for n in ("config.json", "model.safetensors")):
-        raise CheckpointError(
-            f"{folder}: holds a model but not its tokenizer ({', '.join(tokenizer_files)} missing). Save the tokenizer "
-            "beside it (tokenizer.save_pretrained(folder)), or save a model loaded with atlasformer.from_pretrained, "
-            "which carries its tokenizer.")
-    model = load_model(folder, verify=verify)
-    try:
-        tokenizer = CellTokenizer.load(folder)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from err
-    if len(tokenizer.vocab) != model.config.vocab_size:
-        raise CheckpointError(
-            f"{folder}: vocab.json has {len(tokenizer.vocab)} tokens but the model was built for "
-            f"{model.config.vocab_size}; the vocabulary does not belong to this checkpoint."
-        )
-    model.tokenizer = tokenizer  # model.save_pretrained(folder) writes it beside the weights
-    return model, tokenizer
+def vae_card(module, keys: dict, run_config: dict, summary: dict | None = None) -> str:
+    """A README.md for a VAE baseline's folder: architecture, inputs (genes, batches, count layer), metrics,
+    usage and provenance; ``keys`` are the wrapper's AnnData keys saved in ``config.json``."""
+    arch = type(module).__name__
+    wrapper = VAE_WRAPPERS.get(arch, arch)
+    settings = {k: v for k, v in module.config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+    lines = [
+        "---",
+        "library_name: atlasformer",
+        f"license: {run_config.get('license', 'apache-2.0')}",
+        "tags: [single-cell, transcriptomics, atlasformer, vae]",
+        "---",
+        f"# atlasformer {wrapper} ({arch})",
+        "",
+        "## Architecture",
+        *[f"- {k}: {v}" for k, v in settings.items()],
+        f"- parameters: {count_parameters(module):,}",
+        "",
+        "## Inputs",
+        f"- genes: {len(keys.get('genes') or [])}; counts from {keys.get('layer') or 'X'}",
+        f"- batch key: {keys.get('batch_key')} ({len(keys.get('batches') or [])} batches)",
+        "",
+        "## Training",
+        f"- data: {', '.join(public_name(p) for p in run_config.get('data', [])) or 'not recorded'}",
+    ]
+    if summary:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", "## Usage", "", "```python", "import anndata as ad", f"from atlasformer.finetune import {wrapper}", "",
+              'MODEL = "path/to/this/folder"  # or its hub id', f"model = {wrapper}.load(MODEL)",
+              'adata = ad.read_h5ad("cells.h5ad")  # raw counts', 'adata.obsm["X_latent"] = model.embed(adata)', "```"]
+    lines += ["", "## Licence and provenance", *provenance_lines(run_config), ""]
+    return "\n".join(lines)
