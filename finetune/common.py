@@ -40,6 +40,8 @@ from atlasformer.tokenization.console import log_once, progress_bar
 from .config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
+SCRATCH_GENES_PER_CELL = 512
+"""Genes per cell of a model fine-tuned from scratch when ``max_seq_len`` is not set."""
 
 
 def load_backbone(model: str | os.PathLike | None, cfg: FinetuneConfig, adatas: list[ad.AnnData], *,
@@ -51,7 +53,7 @@ def load_backbone(model: str | os.PathLike | None, cfg: FinetuneConfig, adatas: 
             raise InputError("no --model given: pass a model folder or hub id, or fine-tune from scratch (from_scratch=true).")
         vocab = build_vocab(adatas, gene_key=gene_key, specials=cfg.tokenizer.special_tokens,
                             gene_id_mode=cfg.tokenizer.gene_id_mode, gene_table=cfg.tokenizer.gene_table)
-        tokenizer = CellTokenizer(vocab, _with_seq_len(cfg.tokenizer, cfg.max_seq_len))
+        tokenizer = CellTokenizer(vocab, dataclasses.replace(cfg.tokenizer, max_seq_len=cfg.max_seq_len or SCRATCH_GENES_PER_CELL))
         try:
             config = config_for_tokenizer(tokenizer, value_head="none", **cfg.scratch_model)
         except ValueError as err:

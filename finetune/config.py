@@ -24,10 +24,12 @@ class FinetuneConfig:
     """Ignore pretrained weights: build the architecture in `scratch_model` with a vocabulary from the data."""
     scratch_model: dict[str, Any] = field(default_factory=lambda: {"d_model": 64, "n_layers": 2, "n_heads": 4})
     """CellTransformerConfig fields used with from_scratch."""
-    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(max_seq_len=512))
-    """Tokenizer settings used with from_scratch (a pretrained model brings its own)."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer settings used with from_scratch (a pretrained model brings its own); genes per cell is
+    `max_seq_len`, the one setting for both."""
     max_seq_len: int | None = None
-    """Override the tokenizer's genes per cell (e.g. shorter for speed); None keeps the model's."""
+    """Genes per cell: None keeps a pretrained model's own (512 from scratch); lower it for speed. A rank model
+    takes at most its positions minus one."""
     epochs: int | None = None
     """Passes over the training cells (early stopping may end sooner). None: the task's recipe."""
     max_steps: int | None = None
@@ -107,6 +109,9 @@ class FinetuneConfig:
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def __post_init__(self):
+        if self.tokenizer.max_seq_len != TokenizerConfig.max_seq_len:
+            raise ValueError(f"genes per cell is max_seq_len={self.tokenizer.max_seq_len} in fine-tuning (one setting for "
+                             "pretrained and from-scratch models), not tokenizer.max_seq_len")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.unknown_threshold is not None and not 0 < self.unknown_threshold < 1:

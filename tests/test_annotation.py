@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from atlasformer.finetune import Annotator, FinetuneConfig, annotate, finetune_file
-from atlasformer.tokenization import InputError, TokenizerConfig
+from atlasformer.tokenization import InputError
 
 
 def digest(path):
@@ -21,7 +21,7 @@ def test_cellbench_heldout_batch_macro_f1(tmp_path, shared_data):
     batches = ad.read_h5ad(data, backed="r").obs["batch"].value_counts()
     held_out = batches.index[0]  # the largest batch
     cfg = FinetuneConfig(from_scratch=True, scratch_model={"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0},
-                         tokenizer=TokenizerConfig(max_seq_len=256), epochs=4, batch_size=32, lr=3e-3, head_lr=3e-3,
+                         max_seq_len=256, epochs=4, batch_size=32, lr=3e-3, head_lr=3e-3,
                          val_batch=str(held_out), patience=6, seed=0)
     task = Annotator(None, cfg, labels_key="cell_line", batch_key="batch")
     summary = finetune_file(task, data, tmp_path / "out")

@@ -71,7 +71,7 @@ exit_worker()
 '''
 STEPS, EVAL_EVERY = 8, 2
 SETTINGS = ["--from-scratch", "mode=full", f"max_steps={STEPS}", f"eval_every={EVAL_EVERY}", "patience=1",
-            "batch_size=8", "val_fraction=0.25", "expression_genes=20", "tokenizer.max_seq_len=32",
+            "batch_size=8", "val_fraction=0.25", "expression_genes=20", "max_seq_len=32",
             "scratch_model.d_model=16", "scratch_model.n_layers=1", "scratch_model.n_heads=2",
             "scratch_model.dropout=0.0", "scratch_model.n_conditions=2"]  # condition tokens no task feeds
 

@@ -137,7 +137,7 @@ def test_readme_main_chain_runs_as_written_on_tiny_data(tmp_path, sim_adata, mon
     assert main(readme_command("atlasformer tokenize --data a.h5ad")) == 0
     assert main([*readme_command("atlasformer pretrain --data corpus/"), *TINY]) == 0
     assert Path("runs/base/model/model.safetensors").exists()
-    quick = ["epochs=1", "tokenizer.max_seq_len=32"]
+    quick = ["epochs=1", "max_seq_len=32"]
     assert main([*readme_command("atlasformer finetune annotation --model runs/base/model"), *quick]) == 0
     assert Path("ann/query.h5ad").exists() and Path("ann/ref.h5ad").exists()
     assert main(readme_command("atlasformer predict annotation --model ann/model")) == 0

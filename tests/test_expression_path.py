@@ -25,8 +25,8 @@ TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.0}
 
 
 def scratch(**kw):
-    tok = TokenizerConfig(max_seq_len=64, gene_id_mode="raw")
-    return FinetuneConfig(**{"from_scratch": True, "scratch_model": TINY, "tokenizer": tok, "max_steps": 5, **kw})
+    tok = TokenizerConfig(gene_id_mode="raw")
+    return FinetuneConfig(**{"from_scratch": True, "scratch_model": TINY, "tokenizer": tok, "max_seq_len": 64, "max_steps": 5, **kw})
 
 
 def readout_with_constant_embedding(n_expr, n_out, n_cells, d_model=8):

@@ -33,7 +33,7 @@ TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0}
 
 
 def tiny_cfg(**kw):
-    base = dict(from_scratch=True, scratch_model=TINY, tokenizer=TokenizerConfig(max_seq_len=64), epochs=1,
+    base = dict(from_scratch=True, scratch_model=TINY, max_seq_len=64, epochs=1,
                 batch_size=32, lr=2e-3, head_lr=3e-3, seed=0)
     return FinetuneConfig(**{**base, **kw})
 
@@ -258,7 +258,7 @@ def test_cli_finetune_and_predict_every_new_task(sim, tmp_path):
     data, paired = tmp_path / "cells.rna.h5ad", tmp_path / "cells.protein.h5ad"
     adata.write_h5ad(data)
     protein.write_h5ad(paired)
-    quick = ["max_steps=2", "val_fraction=0.2", "tokenizer.max_seq_len=32", "scratch_model.d_model=16", "scratch_model.n_heads=2"]
+    quick = ["max_steps=2", "val_fraction=0.2", "max_seq_len=32", "scratch_model.d_model=16", "scratch_model.n_heads=2"]
     runs = {
         "integration": (["--batch-key", "batch"], lambda out: out.obsm["X_atlasformer_integrated"].shape[1] == 16 + json.loads(
             (tmp_path / "integration" / "model" / "config.json").read_text())["expression_components"]),
@@ -283,8 +283,8 @@ def test_imputation_with_raw_gene_names_predicts_every_gene(sim, tmp_path):
     """Var names without usable IDs ('0', '1', ...) work with gene_id_mode=raw in fit and predict alike."""
     adata = sim[0].copy()
     adata.var_names = [str(i) for i in range(adata.n_vars)]
-    raw = TokenizerConfig(max_seq_len=64, gene_id_mode="raw")
-    imputer = Imputer(None, tiny_cfg(val_fraction=0.2, max_steps=2, tokenizer=raw))
+    raw = TokenizerConfig(gene_id_mode="raw")
+    imputer = Imputer(None, tiny_cfg(val_fraction=0.2, max_steps=2, tokenizer=raw, max_seq_len=64))
     imputer.fit(adata)
     assert list(imputer.model.config.feature_names) == list(adata.var_names)
     assert not np.isnan(imputer.predict(adata)).any()

@@ -24,7 +24,7 @@ TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0}
 
 
 def cfg(max_seq_len=128, selection="subsample", **kw):
-    base = dict(from_scratch=True, scratch_model=TINY, tokenizer=TokenizerConfig(max_seq_len=max_seq_len, selection=selection),
+    base = dict(from_scratch=True, scratch_model=TINY, tokenizer=TokenizerConfig(selection=selection), max_seq_len=max_seq_len,
                 epochs=4, batch_size=32, lr=2e-3, head_lr=3e-3, patience=10, seed=0)
     return FinetuneConfig(**{**base, **kw})
 
@@ -109,7 +109,7 @@ def test_label_transfer_from_cli(shared_data, tmp_path, capsys):
     query = subsample(ad.read_h5ad(shared_data("pbmc_donorA_query.h5ad")), 300)
     ref.write_h5ad(tmp_path / "ref.h5ad")
     query.write_h5ad(tmp_path / "query.h5ad")
-    overrides = ["epochs=8", "lr=0.002", "head_lr=0.003", "tokenizer.max_seq_len=128", "tokenizer.selection=top",
+    overrides = ["epochs=8", "lr=0.002", "head_lr=0.003", "max_seq_len=128", "tokenizer.selection=top",
                  "scratch_model.d_model=32", "scratch_model.n_heads=2"]
     assert main(["finetune", "annotation", "--data", str(tmp_path / "ref.h5ad"), "--labels-key", "cell_type",
                  "--from-scratch", "--output", str(tmp_path / "ft"), "--query", str(tmp_path / "query.h5ad"),

@@ -17,13 +17,13 @@ from atlasformer.cli import main
 from atlasformer.finetune import Annotator, FinetuneConfig, common, finetune_file, fit
 from atlasformer.finetune.fit import apply_mode, merge_lora
 from atlasformer.model_zoo import CellTransformerConfig, CellTransformerForAnnotation
-from atlasformer.tokenization import TokenizerConfig, simulate_counts
+from atlasformer.tokenization import simulate_counts
 
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.0}
 
 
 def tiny_cfg(**kw) -> FinetuneConfig:
-    base = dict(from_scratch=True, scratch_model=TINY, tokenizer=TokenizerConfig(max_seq_len=32), batch_size=16,
+    base = dict(from_scratch=True, scratch_model=TINY, max_seq_len=32, batch_size=16,
                 seed=0, expression_genes=0, readout="mlp")
     return FinetuneConfig(**{**base, **kw})
 

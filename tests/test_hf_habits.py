@@ -16,7 +16,7 @@ import atlasformer
 from atlasformer.checkpoints import CheckpointError, export_model_folder
 from atlasformer.finetune import Annotator, FinetuneConfig, annotate, finetune_file
 from atlasformer.model_zoo import CellTransformer, CellTransformerConfig, CellTransformerForPretraining
-from atlasformer.tokenization import CellTokenizer, GeneVocab, TokenizerConfig
+from atlasformer.tokenization import CellTokenizer, GeneVocab
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_fine_tuned_card_config_and_provenance(model_folder, tmp_path, sim_adata
     data = tmp_path / "inputs" / "cells.h5ad"
     data.parent.mkdir()
     sim_adata.write_h5ad(data)
-    config = FinetuneConfig(tokenizer=TokenizerConfig(max_seq_len=32), epochs=1)
+    config = FinetuneConfig(max_seq_len=32, epochs=1)
     finetune_file(Annotator(model_folder, config, labels_key="cell_type"), data, tmp_path / "out")
     folder = tmp_path / "out" / "model"
     card = (folder / "README.md").read_text()

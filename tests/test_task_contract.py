@@ -118,7 +118,7 @@ def test_vae_wrappers_split_cells_as_every_task(sim_adata):
 
 
 # ------------------------------------------------------------------------------------ predict --batch-key
-QUICK = ["max_steps=2", "val_fraction=0.2", "tokenizer.max_seq_len=32", "scratch_model.d_model=16",
+QUICK = ["max_steps=2", "val_fraction=0.2", "max_seq_len=32", "scratch_model.d_model=16",
          "scratch_model.n_heads=2"]
 
 

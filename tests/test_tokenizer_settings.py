@@ -83,3 +83,16 @@ def test_loading_checks_the_tokenizer_against_the_model_not_only_the_vocabulary_
     with warnings.catch_warnings(), pytest.raises(CheckpointError, match="writes 11 bins but the model embeds 21"):
         warnings.simplefilter("ignore")
         load_model_folder(folder, verify=False)  # past the checksums, as a hand-edited folder would be
+
+
+def test_fine_tuning_has_one_genes_per_cell_setting(sim_adata):
+    from atlasformer.finetune import FinetuneConfig
+    from atlasformer.finetune.common import SCRATCH_GENES_PER_CELL, load_backbone
+
+    with pytest.raises(ValueError, match="genes per cell is max_seq_len=64 in fine-tuning"):
+        FinetuneConfig(tokenizer=TokenizerConfig(max_seq_len=64))
+    scratch = dict(from_scratch=True, tokenizer=TokenizerConfig(gene_id_mode="raw"))
+    _, tokenizer, _ = load_backbone(None, FinetuneConfig(**scratch), [sim_adata])
+    assert tokenizer.config.max_seq_len == SCRATCH_GENES_PER_CELL
+    _, tokenizer, config = load_backbone(None, FinetuneConfig(**scratch, max_seq_len=48), [sim_adata])
+    assert tokenizer.config.max_seq_len == 48 and not tokenizer_mismatches(config, tokenizer)

@@ -10,14 +10,14 @@ import torch
 
 from atlasformer.cli import build_parser, main, single_value_options, split_overrides
 from atlasformer.finetune import Annotator, FinetuneConfig, Imputer, annotate
-from atlasformer.tokenization import InputError, TokenizerConfig, read_h5ad
+from atlasformer.tokenization import InputError, read_h5ad
 from atlasformer.tokenization.data import resolve_genes
 
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.1}
 
 
 def tiny_cfg(**kw):
-    base = dict(from_scratch=True, scratch_model=TINY, tokenizer=TokenizerConfig(max_seq_len=32), epochs=1,
+    base = dict(from_scratch=True, scratch_model=TINY, max_seq_len=32, epochs=1,
                 batch_size=32, lr=2e-3, head_lr=3e-3, seed=0)
     return FinetuneConfig(**{**base, **kw})
 

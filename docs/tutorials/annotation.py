@@ -30,7 +30,7 @@ reference.write_h5ad(inputs / "reference.h5ad")
 # From scratch here: simulated genes are in no pretrained vocabulary. On real data pass "atlasformer-public-small"
 # (shipped with the package), a model folder or a hub id. Unset fields take the task's recipe (docs/model_quality.md).
 config = FinetuneConfig(from_scratch=True, scratch_model={"d_model": 32, "n_layers": 2, "n_heads": 2},
-                        tokenizer=TokenizerConfig(max_seq_len=128, selection="top"), epochs=10, lr=3e-3, head_lr=3e-3)
+                        tokenizer=TokenizerConfig(selection="top"), max_seq_len=128, epochs=10, lr=3e-3, head_lr=3e-3)
 annotator = Annotator(None, config, labels_key="cell_type")
 summary = finetune_file(annotator, inputs / "reference.h5ad", output)  # model/, reference.h5ad, metrics.json, PNG
 print("validation:", {k: round(v, 3) for k, v in summary["validation"].items() if isinstance(v, float)})

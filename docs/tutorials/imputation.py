@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from atlasformer.finetune import FinetuneConfig, Imputer, denoise, finetune_file
-from atlasformer.tokenization import TokenizerConfig, simulate_counts
+from atlasformer.tokenization import simulate_counts
 
 output = Path(sys.argv[1] if len(sys.argv) > 1 else "tutorial_output") / "imputation"
 inputs = output.with_name(f"{output.name}_inputs")  # beside the outputs: an output folder may not hold an input
@@ -23,7 +23,7 @@ cells = simulate_counts(n_cells=500, n_genes=300, n_cell_types=4, n_batches=1, m
 cells.write_h5ad(inputs / "cells.h5ad")
 
 config = FinetuneConfig(from_scratch=True, scratch_model={"d_model": 32, "n_layers": 2, "n_heads": 2},
-                        tokenizer=TokenizerConfig(max_seq_len=128), epochs=4, lr=2e-3, head_lr=3e-3, val_fraction=0.2)
+                        max_seq_len=128, epochs=4, lr=2e-3, head_lr=3e-3, val_fraction=0.2)
 summary = finetune_file(Imputer(None, config), inputs / "cells.h5ad", output)
 val = summary["validation"]
 print(f"held-out molecules (10% binomial thinning) on validation cells: Poisson NLL {val['poisson_nll']:.3f} "

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from atlasformer.finetune import FinetuneConfig, Integrator, finetune_file, integrate
-from atlasformer.tokenization import TokenizerConfig, simulate_counts
+from atlasformer.tokenization import simulate_counts
 
 output = Path(sys.argv[1] if len(sys.argv) > 1 else "tutorial_output") / "integration"
 inputs = output.with_name(f"{output.name}_inputs")  # beside the outputs: an output folder may not hold an input
@@ -24,7 +24,7 @@ inputs.mkdir(parents=True, exist_ok=True)
 simulate_counts(n_cells=600, n_genes=300, n_cell_types=4, n_batches=3, batch_sd=0.8, seed=0).write_h5ad(inputs / "cells.h5ad")
 
 config = FinetuneConfig(from_scratch=True, scratch_model={"d_model": 32, "n_layers": 2, "n_heads": 2, "pooling": "mean"},
-                        tokenizer=TokenizerConfig(max_seq_len=128), epochs=3, lr=2e-3, head_lr=3e-3)
+                        max_seq_len=128, epochs=3, lr=2e-3, head_lr=3e-3)
 # kBET and BRAS are switched off here only to keep the tutorial fast (the metrics report says so)
 integrator = Integrator(None, config, batch_key="batch", labels_key="cell_type",
                         scib_disable=("kbet_per_label", "bras"))

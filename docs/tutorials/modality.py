@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from atlasformer.finetune import FinetuneConfig, ModalityPredictor, finetune_file, predict_modality
 from atlasformer.finetune.metrics import clr, protein_metrics
-from atlasformer.tokenization import TokenizerConfig, simulate_counts
+from atlasformer.tokenization import simulate_counts
 
 output = Path(sys.argv[1] if len(sys.argv) > 1 else "tutorial_output") / "modality"
 inputs = output.with_name(f"{output.name}_inputs")  # beside the outputs: an output folder may not hold an input
@@ -38,7 +38,7 @@ paired.write_h5ad(inputs / "cells.rna.h5ad")
 protein[:400].copy().write_h5ad(inputs / "cells.protein.h5ad")
 
 config = FinetuneConfig(from_scratch=True, scratch_model={"d_model": 32, "n_layers": 2, "n_heads": 2},
-                        tokenizer=TokenizerConfig(max_seq_len=128), epochs=5, lr=2e-3, head_lr=3e-3, val_fraction=0.2)
+                        max_seq_len=128, epochs=5, lr=2e-3, head_lr=3e-3, val_fraction=0.2)
 task = ModalityPredictor(None, config, modality="protein", paired=inputs / "cells.protein.h5ad")
 summary = finetune_file(task, inputs / "cells.rna.h5ad", output)
 val = summary["validation"]
