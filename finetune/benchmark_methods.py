@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from atlasformer.checkpoints import CheckpointError
-from atlasformer.tokenization import InputError
+from atlasformer.tokenization import InputError, TokenizerConfig
 
 from . import baselines as b
 from .config import FinetuneConfig
@@ -83,12 +83,15 @@ def finetune_config(inp, seed: int, cfg, *, scratch: bool = False, ablation: str
     ft = dataclasses.replace(cfg.finetune, seed=seed, **ABLATIONS.get(ablation, {}))
     if not scratch:
         return ft
-    arch, tok = pretrained_architecture(inp)
-    tok = tok or ft.tokenizer
+    arch, pretrained_tokenizer = pretrained_architecture(inp)
+    tok = pretrained_tokenizer or ft.tokenizer
     if not resolvable_genes(inp):  # e.g. var_names '0', '1', ...: a from-scratch vocabulary can use them as they are
         tok = dataclasses.replace(tok, gene_id_mode="raw")
+    # genes per cell is the fine-tuning config's one setting: the pretrained model's, unless set
+    genes = ft.max_seq_len or (pretrained_tokenizer.max_seq_len if pretrained_tokenizer else None)
+    tok = dataclasses.replace(tok, max_seq_len=TokenizerConfig.max_seq_len)
     return dataclasses.replace(ft, from_scratch=True, lr=cfg.scratch_lr or ft.lr,
-                               scratch_model=arch or ft.scratch_model, tokenizer=tok)
+                               scratch_model=arch or ft.scratch_model, tokenizer=tok, max_seq_len=genes)
 
 
 def resolvable_genes(inp) -> bool:

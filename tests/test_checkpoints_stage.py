@@ -70,7 +70,7 @@ def test_pretraining_export(pretrained, tmp_path):
 
 
 def test_fine_tuned_annotation(pretrained, tmp_path, sim_adata):
-    task = Annotator(pretrained, FinetuneConfig(tokenizer=TokenizerConfig(max_seq_len=32), epochs=1),
+    task = Annotator(pretrained, FinetuneConfig(max_seq_len=32, epochs=1),
                      labels_key="cell_type")
     task.fit(sim_adata[:120].copy())
     folder = task.save(tmp_path / "annotation")
