@@ -118,7 +118,8 @@ def tokenize_for_model(adata: ad.AnnData, tokenizer: CellTokenizer, *, layer=Non
 
 def model_batch(cells: TokenizedCells, rows: np.ndarray, tokenizer: CellTokenizer) -> dict[str, torch.Tensor]:
     """Padded model inputs for the cells at ``rows`` (without the bookkeeping ``rows`` tensor)."""
-    batch = collate(cells, rows, cls_id=tokenizer.vocab.cls_id, pad_id=tokenizer.vocab.pad_id)
+    batch = collate(cells, rows, cls_id=tokenizer.vocab.cls_id, pad_id=tokenizer.vocab.pad_id,
+                    max_width=1 + tokenizer.config.max_seq_len)  # known here: no pass over every cell per batch
     batch.pop("rows")
     return batch
 

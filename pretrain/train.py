@@ -240,7 +240,8 @@ def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, n_conditions: int)
 
 def make_batch(cells: TokenizedCells, rows: np.ndarray, conditions: np.ndarray, tokenizer: CellTokenizer, cfg: PretrainConfig,
                model_config, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    batch = collate(cells, rows, cls_id=tokenizer.vocab.cls_id, pad_id=tokenizer.vocab.pad_id)
+    batch = collate(cells, rows, cls_id=tokenizer.vocab.cls_id, pad_id=tokenizer.vocab.pad_id,
+                    max_width=1 + tokenizer.config.max_seq_len)  # known here: no pass over every cell per batch
     if model_config.n_conditions:
         batch["conditions"] = torch.from_numpy(conditions[rows])
     return mask_for_model(batch, tokenizer, cfg, model_config, generator)
