@@ -1,5 +1,5 @@
 """The dependency direction of the layout: tokenization and model_zoo are leaves, model_zoo never imports
-anndata, checkpoints (model folders) uses those two, pretrain uses those three, finetune uses all four, nothing
+anndata, checkpoints (model folders) uses those two, pretrain uses those three, finetune uses all four, analysis uses all five, nothing
 imports the root or scripts/; model-folder I/O is imported from checkpoints only."""
 
 import ast
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("tokenization", "model_zoo", "checkpoints", "pretrain", "finetune")
+STAGES = ("tokenization", "model_zoo", "checkpoints", "pretrain", "finetune", "analysis")
 ROOT_MODULES = {"atlasformer.cli", "atlasformer.config", "atlasformer.api", "atlasformer.settings", "atlasformer"}
 
 # stage -> atlasformer stages it may import
@@ -20,6 +20,7 @@ ALLOWED = {
     "checkpoints": {"tokenization", "model_zoo"},
     "pretrain": {"tokenization", "model_zoo", "checkpoints"},
     "finetune": {"tokenization", "model_zoo", "checkpoints", "pretrain"},
+    "analysis": {"tokenization", "model_zoo", "checkpoints", "pretrain", "finetune"},
 }
 # model-folder I/O: writing, reading, resolving, converting, pushing; one home, atlasformer.checkpoints
 FOLDER_IO = {"export_model_folder", "load_model_folder", "load_model", "resolve_model", "read_manifest", "write_manifest",
@@ -83,8 +84,9 @@ def test_model_zoo_runtime_does_not_load_anndata():
 
 def test_only_atlasformer_is_installed_as_top_level(tmp_path):
     """Outside the checkout, the generic folder names are not importable: only atlasformer is installed."""
-    code = ("import importlib.util as u; print([n for n in ('tokenization', 'finetune', 'model_zoo', 'checkpoints', 'pretrain') "
-            "if u.find_spec(n)]); import atlasformer.tokenization, atlasformer.checkpoints, atlasformer.finetune")
+    code = ("import importlib.util as u; print([n for n in ('tokenization', 'finetune', 'model_zoo', 'checkpoints', 'pretrain', 'analysis') "
+            "if u.find_spec(n)]); import atlasformer.tokenization, atlasformer.checkpoints, atlasformer.finetune, "
+            "atlasformer.analysis")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]"
 
@@ -101,5 +103,6 @@ def test_wheel_installs_only_atlasformer(tmp_path):
     assert top == {"atlasformer"}, top
     for required in ("atlasformer/cli.py", "atlasformer/tokenization/tokenizer.py", "atlasformer/model_zoo/cell_transformer.py",
                      "atlasformer/checkpoints/folder.py", "atlasformer/pretrain/train.py", "atlasformer/finetune/fit.py",
+                     "atlasformer/analysis/__init__.py",
                      "atlasformer/configs/model/tiny.yaml"):
         assert required in names, required

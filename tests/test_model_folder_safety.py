@@ -296,7 +296,7 @@ def test_geneformer_pytorch_model_bin_that_runs_code_gets_the_same_message(tmp_p
 
 def test_every_torch_load_goes_through_the_shared_helper():
     offenders = []
-    for package in ("atlasformer", "tokenization", "model_zoo", "checkpoints", "pretrain", "finetune", "scripts",
+    for package in ("atlasformer", "tokenization", "model_zoo", "checkpoints", "pretrain", "finetune", "analysis", "scripts",
                     "benchmarks"):
         for path in (REPO / package).rglob("*.py"):
             tree = ast.parse(path.read_text())
