@@ -51,6 +51,33 @@ from .plots import predicted_vs_observed, roc_curve_plot
 logger = logging.getLogger(__name__)
 
 ATAC_PENALTIES = (0.001, 0.01, 0.1, 1.0)
+
+
+def one_standard_error_choice(true: np.ndarray, predictions: list[np.ndarray], seed: int = 0,
+                              n_bootstrap: int = 100) -> tuple[int, list[float], float]:
+    """Index of the most regularised of ``predictions`` (ordered strongest penalty first) whose validation AUROC
+    is within one standard error of the best (the one-standard-error rule of cross-validated penalties).
+
+    On a small validation split the best AUROC is partly luck: a weak penalty that wins by noise overfits the
+    test cells (scicar: 0.548 where the mean predictor gets 0.583). The standard error is the bootstrap spread of
+    the best score over validation cells (resampled with their peaks, which are correlated within a cell).
+    Returns ``(index, scores, standard_error)``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    true = np.asarray(true) > 0
+    scores = [atac_metrics(true, p)["auroc"] for p in predictions]
+    best = int(np.nanargmax(scores))
+    rng = np.random.default_rng([seed, 11])
+    boot = []
+    for _ in range(n_bootstrap):
+        cells = rng.integers(0, len(true), len(true))
+        sample = true[cells]
+        if sample.any() and not sample.all():
+            boot.append(roc_auc_score(sample.ravel(), predictions[best][cells].ravel()))
+    se = float(np.std(boot)) if len(boot) > 1 else 0.0
+    chosen = next(i for i, score in enumerate(scores) if score >= scores[best] - se)
+    return chosen, scores, se
 """Inverse L2 penalties (scikit-learn's C) tried for the per-peak logistic readout."""
 MODALITY_NAMES = {"protein": ("prot", "protein", "adt", "cite"), "atac": ("atac", "peaks", "chromatin")}
 
@@ -212,7 +239,7 @@ class ModalityPredictor(FinetunedTask):
 
         if cfg.readout == "linear":  # start from (frozen: end at) the closed-form fit on the pretrained embedding
             z = readout_inputs(model, model.head, cells, tokenizer, x, fit_rows, cfg)
-            penalty = self._fit_readout(model, z, y, train, val, validate)
+            penalty = self._fit_readout(model, z, y, train, val, lambda m: predictions(m, val))
         else:
             start_at_mean(model, y[train].mean(0), self.modality)
         if closed_form:
@@ -238,26 +265,27 @@ class ModalityPredictor(FinetunedTask):
                                "baseline": mean_prediction}
         return self.validation
 
-    def _fit_readout(self, model, z, y, rows, val, validate, penalty: float | None = None) -> float | None:
+    def _fit_readout(self, model, z, y, rows, val, predict_val, penalty: float | None = None) -> float | None:
         """Fit the linear readout on ``rows`` in closed form: RidgeCV (alpha by leave-one-out, as the ridge
         baseline) for protein; for ATAC, per-peak logistic regressions whose penalty is ``penalty`` or, given
-        ``validate``, the one of :data:`ATAC_PENALTIES` that scores best on the validation cells (sparse, noisy
-        peaks need a strong one, towards each peak's frequency: the mean baseline). Returns the ATAC penalty."""
+        ``predict_val`` (model -> predictions on ``val``), chosen among :data:`ATAC_PENALTIES` on the validation
+        cells by the one-standard-error rule (see :func:`one_standard_error_choice`). Returns the ATAC penalty."""
         if self.modality == "protein":
             fit_ridge_readout(model.head, z[rows], y[rows])
             return None
         if penalty is not None:
             fit_per_feature_logistic_readout(model.head, z[rows], y[rows], self.config.seed, c=penalty)
             return penalty
-        best = None
+        predictions = []
         for c in ATAC_PENALTIES:
             fit_per_feature_logistic_readout(model.head, z[rows], y[rows], self.config.seed, c=c)
-            score = validate(model)[1]["auroc"]
-            if best is None or score > best[0]:
-                best = (score, c, {k: v.clone() for k, v in model.head.out.state_dict().items()})
-        model.head.out.load_state_dict(best[2])
-        logger.info(f"ATAC readout: inverse penalty C={best[1]} (validation AUROC {best[0]:.4f}; tried {ATAC_PENALTIES})")
-        return best[1]
+            predictions.append(predict_val(model))
+        chosen, scores, se = one_standard_error_choice(y[val], predictions, self.config.seed)
+        c = ATAC_PENALTIES[chosen]
+        fit_per_feature_logistic_readout(model.head, z[rows], y[rows], self.config.seed, c=c)
+        logger.info(f"ATAC readout: inverse penalty C={c} (validation AUROC {scores[chosen]:.4f}, best "
+                    f"{max(scores):.4f} +- {se:.4f}; tried {ATAC_PENALTIES})")
+        return c
 
     def _metrics(self, true: np.ndarray, pred: np.ndarray) -> dict:
         return protein_metrics(true, pred) if self.modality == "protein" else atac_metrics(true, pred)

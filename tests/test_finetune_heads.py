@@ -305,3 +305,18 @@ def test_imputation_feature_positions_with_shared_and_missing_keys():
     assert list(feature_positions(features, pd.Index(features, dtype=object))) == [0, 1, 2, 3, 4]
     other = pd.Index(["ENSG2", "ENSG9", None, "ENSG3"], dtype=object)
     assert list(feature_positions(features, other)) == [1, -1, -1, 4]
+
+
+def test_atac_penalty_one_standard_error_rule():
+    """The ATAC readout keeps the strongest penalty unless a weaker one wins by more than the validation noise."""
+    from atlasformer.finetune.modality import one_standard_error_choice
+
+    rng = np.random.default_rng(0)
+    true = rng.random((200, 30)) < np.linspace(0.05, 0.6, 30)  # (cells, peaks), peaks differ in frequency
+    frequency = np.broadcast_to(true.mean(0), true.shape)  # the strong penalty: each peak's frequency
+    noisy = frequency + 0.002 * true + rng.normal(0, 0.01, true.shape)  # a weak penalty: a hint of signal, in the noise
+    informative = np.where(true, 0.9, 0.1) * 0.5 + frequency * 0.5  # a weak penalty that learned the cells
+    chosen, scores, se = one_standard_error_choice(true, [frequency, noisy], seed=0)
+    assert scores[1] > scores[0] and chosen == 0 and se > 0, (scores, se)  # argmax would take the weak one
+    chosen, scores, se = one_standard_error_choice(true, [frequency, informative], seed=0)
+    assert chosen == 1 and scores[1] > scores[0] + se, (scores, se)
