@@ -56,9 +56,9 @@ bench() {  # bench OUTPUT_DIR METHODS SEEDS NAME FLAGS...
     local out=$1 chosen=$2 seeds=$3 name=$4; shift 4
     if [[ -n "${ONLY:-}" && ! "$name" =~ ${ONLY} ]]; then echo "$name: not selected (ONLY=$ONLY)"; return; fi
     local start; start=$(date +%s)
-    mkdir -p "$out/$name"
+    rm -rf "${out:?}/$name" && mkdir -p "$out/$name"  # this script owns its run folders: a rerun starts clean (--overwrite: only its log.txt is there)
     # shellcheck disable=SC2086  # the method names and seeds are words
-    "$AF" benchmark "$@" --methods $chosen --model "$MODEL" --seeds $seeds --output "$out/$name" \
+    "$AF" benchmark "$@" --methods $chosen --model "$MODEL" --seeds $seeds --output "$out/$name" --overwrite \
         "${BUDGETS[@]}" \
         > "$out/$name/log.txt" 2>&1 || { echo "$name: FAILED after $(( $(date +%s) - start )) s (see $out/$name/log.txt)"; return 1; }
     echo "$name: $(( $(date +%s) - start )) s"

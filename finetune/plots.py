@@ -70,7 +70,9 @@ def umap_panels(embeddings: dict[str, np.ndarray], obs: pd.DataFrame, color: str
     for ax, (name, emb) in zip(axes, embeddings.items()):
         view = ad.AnnData(obs=frame.copy())
         view.obsm["X_emb"] = np.asarray(emb, dtype=np.float32)[rows]
-        sc.pp.neighbors(view, use_rep="X_emb", n_neighbors=15, random_state=seed)
+        # exact neighbours: scanpy 1.11's default (pynndescent) path fails from 4,096 cells under scipy >= 1.15
+        # ('csr_array' object has no attribute 'getnnz')
+        sc.pp.neighbors(view, use_rep="X_emb", n_neighbors=15, random_state=seed, transformer="sklearn")
         sc.tl.umap(view, random_state=seed)
         sc.pl.umap(view, color=color, ax=ax, show=False, title=f"{name}: {color}", frameon=False)
     return save_figure(fig, path)

@@ -320,3 +320,17 @@ def test_atac_penalty_one_standard_error_rule():
     assert scores[1] > scores[0] and chosen == 0 and se > 0, (scores, se)  # argmax would take the weak one
     chosen, scores, se = one_standard_error_choice(true, [frequency, informative], seed=0)
     assert chosen == 1 and scores[1] > scores[0] + se, (scores, se)
+
+
+def test_umap_panels_work_beyond_4096_cells(tmp_path):
+    """scanpy 1.11's default neighbour search fails from 4,096 cells under scipy >= 1.15; the integration plots
+    (up to 20,000 cells) must not."""
+    import pandas as pd
+
+    from atlasformer.finetune.plots import umap_panels
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"cell_type": rng.choice(["a", "b"], 4200)})
+    emb = rng.normal(size=(4200, 8)).astype(np.float32)
+    umap_panels({"emb": emb}, obs, "cell_type", tmp_path / "umap.png")
+    assert (tmp_path / "umap.png").stat().st_size > 0
