@@ -2,7 +2,8 @@
 
 The root package holds only the CLI, the YAML loader and this public API; the stages live in
 ``atlasformer.tokenization``, ``atlasformer.model_zoo``, ``atlasformer.checkpoints`` (model folders),
-``atlasformer.pretrain`` and ``atlasformer.finetune``. Names are resolved lazily, so importing a stage
+``atlasformer.pretrain``, ``atlasformer.finetune`` (also mapping and cell search) and ``atlasformer.analysis``
+(genes, attention, perturbation, clusters, trajectories). Names are resolved lazily, so importing a stage
 (e.g. model_zoo, which never imports anndata) does not import the others. ``atlasformer.settings.verbosity``
 sets how much they tell you.
 """
@@ -26,6 +27,17 @@ _EXPORTS = {
     "FinetuneConfig": "atlasformer.finetune",
     "Annotator": "atlasformer.finetune",
     "annotate": "atlasformer.finetune",
+    "SCANVIModel": "atlasformer.finetune",
+    "map_query": "atlasformer.finetune",
+    "transfer_labels": "atlasformer.finetune",
+    "build_index": "atlasformer.finetune",
+    "search_index": "atlasformer.finetune",
+    "gene_embeddings": "atlasformer.analysis",
+    "gene_programs": "atlasformer.analysis",
+    "perturb_genes": "atlasformer.analysis",
+    "attention_network": "atlasformer.analysis",
+    "cluster": "atlasformer.analysis",
+    "trajectory": "atlasformer.analysis",
     "from_pretrained": "atlasformer.api",
     "embed": "atlasformer.api",
     "cell_embeddings": "atlasformer.api",

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from atlasformer import settings
+from atlasformer.cli_analysis import add_analysis_commands
 from atlasformer.config import ConfigError, configs_root, load_config, to_plain
 
 logger = logging.getLogger("atlasformer.cli")  # not __name__: "__main__" under python -m atlasformer.cli
@@ -372,13 +373,13 @@ def cmd_benchmark(args) -> int:
     args.model = args.model or SHIPPED_MODEL
     from atlasformer.tokenization.outputs import prepare_output_folder
 
-    prepare_output_folder(args.output, [*args.data, *([args.paired] if args.paired else [])], overwrite=args.overwrite,
-                          command="benchmark")
+    extra = [x for x in (args.paired, args.query) if x]
+    prepare_output_folder(args.output, [*args.data, *extra], overwrite=args.overwrite, command="benchmark")
     command = "atlasformer " + " ".join(sys.argv[1:]) if sys.argv else ""
     result = run_benchmark(args.task, single_input(args), output=args.output, paired=args.paired,
                            modality=args.modality, labels_key=args.labels_key, batch_key=args.batch_key,
                            layer=args.layer, gene_key=args.gene_key, model=resolved_model(args), methods=args.methods,
-                           seeds=tuple(args.seeds), config=cfg, command=command)
+                           seeds=tuple(args.seeds), config=cfg, command=command, query=args.query)
     for method, reason in result["skipped"].items():
         print(f"skipped {method}: {reason}")
     print(f"results: {Path(args.output) / 'results.json'}\nreport: {result['report']}")
@@ -434,10 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="compare atlasformer with scVI and simple baselines on one task",
                        description="Run the benchmark protocol of docs/benchmarks.md on one file.")
-    p.add_argument("--task", required=True, choices=TASK_NAMES)
+    p.add_argument("--task", required=True, choices=[*TASK_NAMES, "mapping"])
     add_io(p, labels=True, overrides="scvi_epochs=50 finetune.mode=full")  # --model defaults to the shipped model
     p.add_argument("--paired", metavar="FILE", help="modality: protein or ATAC counts of the same cells")
     p.add_argument("--modality", choices=["protein", "atac"], help="what --paired holds")
+    p.add_argument("--query", metavar="FILE", help="mapping: a query file mapped onto --data (scored by the predicted "
+                   "composition and unknown fraction; without it, each held-out batch of --data is the query)")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to run (default: all that apply)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="seeds (default 0 1 2)")
     p.set_defaults(run=cmd_benchmark)
@@ -457,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = overrides_help("max_steps=200 model.d_model=32") + " They apply to the tiny pretraining run."
     p.set_defaults(run=cmd_quickstart)
     add_convert_and_hub(sub)
+    add_analysis_commands(sub)
     for command in subcommand_parsers(parser):  # -q / -v after the subcommand too; unset, they keep the top level's
         add_verbosity(command, default=argparse.SUPPRESS)
     return parser

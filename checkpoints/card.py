@@ -117,7 +117,7 @@ def provenance_lines(run_config: dict) -> list[str]:
 
 
 # the AnnData-facing wrapper of each VAE module (atlasformer.finetune), for the card's usage snippet
-VAE_WRAPPERS = {"SCVIModule": "SCVIModel", "TOTALVIModule": "TOTALVIModel"}
+VAE_WRAPPERS = {"SCVIModule": "SCVIModel", "TOTALVIModule": "TOTALVIModel", "SCANVIModule": "SCANVIModel"}
 
 
 def vae_card(module, keys: dict, run_config: dict, summary: dict | None = None) -> str:

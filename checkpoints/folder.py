@@ -37,6 +37,7 @@ from atlasformer.model_zoo import (
 )
 from atlasformer.model_zoo.cell_transformer import CellTransformerPreTrainedModel
 from atlasformer.model_zoo.from_tokenizer import tokenizer_mismatches
+from atlasformer.model_zoo.vae import SCANVIConfig, SCANVIModule
 from atlasformer.tokenization import CellTokenizer
 
 from .card import model_card, vae_card
@@ -65,7 +66,8 @@ MODEL_CLASSES = {
     "CellTransformerForImputation": CellTransformerForImputation,
     "CellTransformerForModality": CellTransformerForModality,
 }
-VAE_CLASSES = {"SCVIModule": (SCVIConfig, SCVIModule), "TOTALVIModule": (TOTALVIConfig, TOTALVIModule)}
+VAE_CLASSES = {"SCVIModule": (SCVIConfig, SCVIModule), "TOTALVIModule": (TOTALVIConfig, TOTALVIModule),
+               "SCANVIModule": (SCANVIConfig, SCANVIModule)}
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -209,7 +211,7 @@ def load_model_folder(folder: str | Path, verify: bool = True):
     kind, arch = folder_architecture(folder, read_config(folder))
     if kind == "vae":
         raise CheckpointError(f"{folder}: holds a VAE baseline ({arch}), which has no tokenizer; load it with "
-                              "atlasformer.finetune.SCVIModel.load / TOTALVIModel.load.")
+                              "atlasformer.finetune.SCVIModel.load / TOTALVIModel.load / SCANVIModel.load.")
     tokenizer_files = [n for n in ("vocab.json", "tokenizer_config.json") if not (folder / n).exists()]
     if tokenizer_files:
         raise CheckpointError(

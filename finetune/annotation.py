@@ -150,19 +150,26 @@ class Annotator(FinetunedTask):
 
     # ------------------------------------------------------------------ inference
 
-    def predict(self, adata: ad.AnnData, source: str = "data") -> pd.DataFrame:
-        """Per cell: ``label`` (``"unknown"`` below the threshold) and ``confidence``; index = obs_names."""
+    def predict_proba(self, adata: ad.AnnData, source: str = "data") -> tuple[np.ndarray, np.ndarray]:
+        """``(probabilities (cells, classes), class names)``: the classifier's softmax for every cell (zeros for
+        cells without any vocabulary gene)."""
         model = self._inference_model()
         id2label = model.config.id2label
         classes = np.asarray([id2label[i] for i in range(len(id2label))], dtype=object)
-        label = np.full(adata.n_obs, UNKNOWN, dtype=object)
-        confidence = np.zeros(adata.n_obs, dtype=np.float32)
+        probabilities = np.zeros((adata.n_obs, len(classes)), dtype=np.float32)
         for rows, probs in iter_model_outputs(model, adata, self.tokenizer, layer=self.layer, gene_key=self.gene_key,
                                               source=source, chunk_size=self.config.chunk_size,
                                               outputs=lambda out: out.logits.float().softmax(-1),
                                               extra=self._model_extra(adata, source)):
-            label[rows] = classes[probs.argmax(1)]
-            confidence[rows] = probs.max(1)
+            probabilities[rows] = probs
+        return probabilities, classes
+
+    def predict(self, adata: ad.AnnData, source: str = "data") -> pd.DataFrame:
+        """Per cell: ``label`` (``"unknown"`` below the threshold) and ``confidence``; index = obs_names."""
+        probabilities, classes = self.predict_proba(adata, source)
+        label = classes[probabilities.argmax(1)].astype(object)
+        label[probabilities.sum(1) == 0] = UNKNOWN  # cells without a vocabulary gene were not run
+        confidence = probabilities.max(1)
         if self.config.unknown_threshold is not None:
             label[confidence < self.config.unknown_threshold] = UNKNOWN
         return pd.DataFrame({"label": label, "confidence": confidence}, index=adata.obs_names)

@@ -32,6 +32,7 @@ from atlasformer.tokenization import InputError, check_counts, input_stem, read_
 from atlasformer.tokenization.anndata_io import check_obs_key, count_matrix, to_csr
 
 from . import baselines
+from . import benchmark_mapping as mapping
 from . import benchmark_methods as m
 from .benchmark_report import ATLAS_METHODS, LOWER_IS_BETTER, write_report
 from .config import FinetuneConfig
@@ -44,12 +45,13 @@ from .metrics import (
     protein_metrics,
 )
 
-TASKS = ("annotation", "integration", "imputation", "modality")
+TASKS = ("annotation", "integration", "imputation", "modality", "mapping")
 TASK_METHODS = {
     "annotation": (*ATLAS_METHODS, "scvi", "scvi_tools", "logreg", "pca_knn"),
     "integration": (*ATLAS_METHODS, "scvi", "scvi_tools", "pca", "harmony"),
     "imputation": (*ATLAS_METHODS, "scvi", "scvi_tools", "no_denoising", "knn_smoothing"),
     "modality": (*ATLAS_METHODS, "totalvi", "mean", "ridge", "knn"),
+    "mapping": mapping.METHODS,
 }
 METRICS = {
     "annotation": ("accuracy", "macro_f1"),
@@ -57,6 +59,7 @@ METRICS = {
     "imputation": ("poisson_nll", "pearson_log1p"),
     "protein": ("rmse", "pearson_per_feature", "pearson_per_cell"),
     "atac": ("auroc", "auroc_per_feature"),
+    "mapping": mapping.METRICS,
 }
 MCV_TOP_GENES = 2000
 
@@ -117,6 +120,8 @@ class Inputs:
     layer: str | None = None
     gene_key: str | None = None
     model: str | None = None
+    query_rows: np.ndarray | None = None
+    """Mapping onto a reference file: the rows of ``adata`` that came from ``--query`` (no labels used)."""
     cache: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
 
@@ -132,9 +137,15 @@ def dataset_name(path: str | Path) -> str:
 
 
 def load_inputs(data, *, paired=None, modality=None, labels_key=None, batch_key=None, layer=None, gene_key=None,
-                model=None) -> Inputs:
+                model=None, query=None) -> Inputs:
     adata = read_h5ad(data, backed=False)
     source = str(data)
+    query_rows = None
+    if query is not None:  # mapping a query file onto the reference file: one AnnData, query rows last
+        adata, query_rows = reference_and_query(adata, read_h5ad(query, backed=False), labels_key=labels_key,
+                                                batch_key=batch_key, layer=layer, gene_key=gene_key)
+        gene_key = None  # the joined file is named by gene_key's identifiers
+        source = f"{data} + {query}"
     counts = to_csr(count_matrix(adata, layer))
     check_counts(counts, source=source, layer=layer)
     labels = batch = None
@@ -151,8 +162,35 @@ def load_inputs(data, *, paired=None, modality=None, labels_key=None, batch_key=
         other = read_h5ad(paired, backed=False)
         if other.n_obs != adata.n_obs or not np.array_equal(other.obs_names, adata.obs_names):
             raise InputError(f"{paired}: obs_names differ from {data}; paired files need the same cells in the same order.")
-    return Inputs(adata, dataset_name(data), source, counts, labels, batch, other, modality, labels_key, batch_key,
-                  layer, gene_key, None if model is None else str(model))
+    name = dataset_name(data) if query is None else f"{dataset_name(data)}_to_{dataset_name(query)}"
+    return Inputs(adata, name, source, counts, labels, batch, other, modality, labels_key, batch_key,
+                  layer, gene_key, None if model is None else str(model), query_rows)
+
+
+def reference_and_query(reference: ad.AnnData, query: ad.AnnData, *, labels_key, batch_key, layer, gene_key
+                        ) -> tuple[ad.AnnData, np.ndarray]:
+    """Reference and query cells in one AnnData over their shared genes (the baselines need the same columns),
+    the query's labels blanked (never used) and its batch named ``query`` where it has none."""
+    if gene_key:
+        reference, query = (a[:, ~a.var[gene_key].duplicated().to_numpy()].copy() for a in (reference, query))
+        reference.var_names, query.var_names = (a.var[gene_key].astype(str).to_numpy() for a in (reference, query))
+    shared = reference.var_names.intersection(query.var_names)
+    if len(shared) < 200:
+        raise InputError(f"reference and query share {len(shared)} gene names; mapping needs at least 200. Name "
+                         "both files' genes the same way (--gene-key COLUMN).")
+    parts = []
+    for part, name in ((reference, "reference"), (query, "query")):
+        counts = count_matrix(part[:, shared], layer)
+        obs = pd.DataFrame(index=[f"{name}:{i}" for i in part.obs_names])
+        obs[labels_key] = part.obs[labels_key].astype(str).to_numpy() if name == "reference" else "nan"
+        if batch_key:
+            obs[batch_key] = (part.obs[batch_key].astype(str).to_numpy() if batch_key in part.obs
+                              else np.full(part.n_obs, name))
+        parts.append(ad.AnnData(to_csr(counts), obs=obs, var=pd.DataFrame(index=shared)))
+    joined = ad.concat(parts, merge="first")
+    if layer:
+        joined.layers[layer] = joined.X
+    return joined, np.arange(reference.n_obs, joined.n_obs)
 
 
 def labelled_mask(labels: np.ndarray) -> np.ndarray:
@@ -163,17 +201,19 @@ def check_task(task: str, inp: Inputs, cfg: BenchmarkConfig) -> None:
     """Raise :class:`InputError` naming what the file lacks for ``task``."""
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose from {list(TASKS)}.")
-    needs_labels = task in ("annotation", "integration")
+    needs_labels = task in ("annotation", "integration", "mapping")
     if needs_labels and inp.labels is None:
         raise InputError(f"{inp.source}: {task} needs cell labels (for {'training' if task == 'annotation' else 'scoring'}); "
                          "pass --labels-key naming the obs column. This file supports imputation without labels.")
     if needs_labels and len(set(inp.labels[labelled_mask(inp.labels)])) < 2:
         raise InputError(f"{inp.source}: obs[{inp.labels_key!r}] has fewer than 2 labels; {task} cannot be scored.")
-    if task in ("annotation", "integration") and inp.n_batches < 2:
+    if task == "mapping" and inp.query_rows is not None:
+        return
+    if task in ("annotation", "integration", "mapping") and inp.n_batches < 2:
         what = "no --batch-key" if inp.batch is None else f"one batch in obs[{inp.batch_key!r}]"
         raise InputError(f"{inp.source}: {task} holds out / integrates batches, but the file has {what}. "
                          "Pass --batch-key with at least 2 batches, or run imputation or modality.")
-    if task == "annotation" and not annotation_holdouts(inp, cfg):
+    if task in ("annotation", "mapping") and not annotation_holdouts(inp, cfg):
         raise InputError(f"{inp.source}: no batch has {cfg.min_holdout_cells} labelled cells to hold out.")
     if task == "modality" and inp.paired is None:
         raise InputError("modality needs --paired FILE (protein or ATAC counts of the same cells) and --modality.")
@@ -309,8 +349,40 @@ def run_modality(inp: Inputs, methods, seed: int, cfg: BenchmarkConfig, clock: C
     return out
 
 
+def run_mapping(inp: Inputs, methods, seed: int, cfg: BenchmarkConfig, clock: Clock) -> dict:
+    """The annotation folds with the held-out batch as the query (scored on its labels); or, with a query file,
+    one fold scored by the predicted composition and unknown fraction (no query labels)."""
+    from .metrics import mapping_metrics
+
+    labelled = labelled_mask(inp.labels)
+    if inp.query_rows is not None:
+        reference = np.setdiff1d(np.flatnonzero(labelled), inp.query_rows)
+        folds = [("query", reference, inp.query_rows)]
+    else:
+        folds = []
+        for fold in annotation_holdouts(inp, cfg):
+            train = np.flatnonzero(labelled & (inp.batch != fold))
+            test = np.flatnonzero(labelled & (inp.batch == fold) & np.isin(inp.labels, np.unique(inp.labels[train])))
+            folds.append((fold, train, test))
+    out = defaultdict(list)
+    for fold, train, test in folds:
+        split = m.Split(inp, train, test, seed, cfg, fold=fold)
+        for method in [x for x in methods if x not in inp.failed]:
+            mapped = call(method, mapping.MAPPING, split, inp, clock)
+            if mapped is None:
+                continue
+            if inp.query_rows is not None:
+                out[method].append((fold, mapping.composition_rows(mapped)))
+                continue
+            is_query = np.r_[np.zeros(len(train), bool), np.ones(len(test), bool)]
+            scores = mapping_metrics(inp.labels[test], mapped.labels, mapped.confidence, mapped.joint, is_query)
+            scores["unknown_fraction"] = float(mapped.unknown.mean())
+            out[method].append((fold, scores))
+    return out
+
+
 RUNNERS = {"annotation": run_annotation, "integration": run_integration, "imputation": run_imputation,
-           "modality": run_modality}
+           "modality": run_modality, "mapping": run_mapping}
 
 
 def result_rows(task: str, dataset: str, seed: int, results: dict) -> list[dict]:
@@ -329,7 +401,7 @@ def result_rows(task: str, dataset: str, seed: int, results: dict) -> list[dict]
 
 def run_benchmark(task: str, data, *, output, paired=None, modality=None, labels_key=None, batch_key=None, layer=None,
                   gene_key=None, model=None, methods=None, seeds=(0, 1, 2), config: BenchmarkConfig | None = None,
-                  command: str = "") -> dict:
+                  command: str = "", query=None) -> dict:
     """Run ``task`` on ``data`` with every applicable method and seed; write results, report and plots.
 
     Returns ``{"rows": [...], "timings": {method: seconds}, "skipped": {method: reason}, "report": path}``.
@@ -342,8 +414,10 @@ def run_benchmark(task: str, data, *, output, paired=None, modality=None, labels
     # starts: start it first, limited, then set torch's threads, or the torch methods use every core
     numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(cfg.threads)
+    if query is not None and task != "mapping":
+        raise InputError(f"--query is the mapping task's query file; {task} takes none.")
     inp = load_inputs(data, paired=paired, modality=modality, labels_key=labels_key, batch_key=batch_key, layer=layer,
-                      gene_key=gene_key, model=model)
+                      gene_key=gene_key, model=model, query=query)
     check_task(task, inp, cfg)
     chosen, skipped = plan_methods(task, inp, methods)
     if inp.modality == "atac" and "totalvi" in chosen:

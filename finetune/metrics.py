@@ -209,3 +209,75 @@ def batch_mixing_entropy(embedding: np.ndarray, batch, k: int = 15) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(counts > 0, counts * np.log(counts), 0.0).sum(1)
     return float(entropy.mean() / np.log(n_batches))
+
+
+# ------------------------------------------------------------------ mapping a query onto a reference
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of ``confidence`` for ``correct`` (BENCHMARKS.md section 5): cells binned by confidence into
+    ``n_bins`` equal-width bins over [0, 1] (the last bin holds 1.0), the mean over bins of
+    ``|accuracy - mean confidence|`` weighted by each bin's share of the cells. NaN for no cells."""
+    confidence = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    correct = np.asarray(correct, dtype=np.float64)
+    if len(confidence) == 0:
+        return float("nan")
+    bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
+    cells = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, correct, n_bins) - np.bincount(bins, confidence, n_bins))  # summed per bin
+    return float(gap.sum() / cells.sum())
+
+
+def error_auroc(uncertainty: np.ndarray, correct: np.ndarray) -> float:
+    """AUROC of ``uncertainty`` for telling misclassified cells (positives) from correct ones; NaN when only
+    one kind is present."""
+    from sklearn.metrics import roc_auc_score
+
+    wrong = ~np.asarray(correct, dtype=bool)
+    if wrong.all() or not wrong.any():
+        return float("nan")
+    return float(roc_auc_score(wrong, np.asarray(uncertainty, dtype=np.float64)))
+
+
+def query_ilisi(joint_embedding: np.ndarray, is_query: np.ndarray, n_neighbors: int = 90) -> float:
+    """scib-metrics iLISI (scaled to [0, 1], higher is more mixed) of reference and query cells on their joint
+    embedding, with reference / query as the batch; ``n_neighbors`` as scib's Benchmarker (90), exact."""
+    is_query = np.asarray(is_query, dtype=bool)
+    if is_query.all() or not is_query.any():
+        return float("nan")
+    from scib_metrics import ilisi_knn  # jax underneath: imported only when there is something to score
+
+    x = np.asarray(joint_embedding, dtype=np.float32)
+    neighbours = exact_neighbors(x, min(n_neighbors, len(x) - 1))
+    return float(ilisi_knn(neighbours, np.where(is_query, "query", "reference")))
+
+
+def mapping_metrics(true_labels, predicted, confidence, joint_embedding: np.ndarray, is_query) -> dict:
+    """The mapping metrics of BENCHMARKS.md section 5 for the query cells.
+
+    Parameters
+    ----------
+    true_labels, predicted, confidence
+        Per query cell: its true label, the transferred label (the best-supported reference label, also where
+        the call is "unknown") and the reported confidence in it, in [0, 1].
+    joint_embedding
+        (reference + query cells, dims) the embedding the query was placed in.
+    is_query
+        (reference + query cells,) True for the query's rows of ``joint_embedding``.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``macro_f1`` (over the labels present in ``true_labels``), ``ece`` (10 equal-width bins),
+        ``auroc_error`` (AUROC of ``1 - confidence`` for misclassified cells) and ``ilisi_query``.
+    """
+    true_labels, predicted = np.asarray(true_labels).astype(str), np.asarray(predicted).astype(str)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if not len(true_labels) == len(predicted) == len(confidence) == int(np.sum(is_query)):
+        raise ValueError(f"mapping_metrics: {len(true_labels)} true labels, {len(predicted)} predictions and "
+                         f"{len(confidence)} confidences for {int(np.sum(is_query))} query rows of the embedding; "
+                         "pass one of each per query cell.")
+    correct = true_labels == predicted
+    scores = classification_metrics(true_labels, predicted)
+    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
+            "ece": expected_calibration_error(confidence, correct),
+            "auroc_error": error_auroc(1.0 - confidence, correct),
+            "ilisi_query": query_ilisi(joint_embedding, is_query)}

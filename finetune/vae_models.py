@@ -1,21 +1,27 @@
-"""AnnData-facing scVI and totalVI: set up from keys, train with the shared fit loop, embed, predict, save, load.
+"""AnnData-facing scVI, totalVI and scANVI: set up from keys, train with the shared fit loop, embed, predict, save,
+load, and map a query onto a reference (scArches surgery).
 
-As scvi-tools' ``model/`` wraps its ``module/``, :class:`SCVIModel` and :class:`TOTALVIModel` know AnnData
-(count layer, batch key, gene and protein names) and hand tensors to the torch modules in
-``atlasformer.model_zoo.vae``. Training uses :func:`atlasformer.finetune.fit` with scvi-tools' training
-plan: Adam (lr 1e-3, weight decay 1e-6, eps 0.01), constant learning rate, batches of 128, 10% of cells
-for validation (chosen by :func:`~atlasformer.finetune.common.split_cells`, as for every task), and the
-KL weight warmed up linearly over 400 epochs (scVI) or over 0.75 x n_cells steps (totalVI, lr 4e-3, batches of 256, early stopping after 45 epochs without improvement). The KL weight is
-passed with each batch, so the loop itself needs nothing VAE-specific. Both wrappers implement the task
-contract, :class:`~atlasformer.finetune.task.Task`.
+As scvi-tools' ``model/`` wraps its ``module/``, :class:`SCVIModel`, :class:`TOTALVIModel` and
+:class:`SCANVIModel` know AnnData (count layer, batch and label keys, gene and protein names) and hand tensors
+to the torch modules in ``atlasformer.model_zoo.vae``. Training uses :func:`atlasformer.finetune.fit` with
+scvi-tools' training plan: Adam (lr 1e-3, weight decay 1e-6, eps 0.01), constant learning rate, batches of 128,
+10% of cells for validation (chosen by :func:`~atlasformer.finetune.common.split_cells`, as for every task), and
+the KL weight warmed up linearly over 400 epochs (scVI, scANVI) or over 0.75 x n_cells steps (totalVI, lr 4e-3,
+batches of 256, early stopping after 45 epochs without improvement). The KL weight is passed with each batch, so
+the loop itself needs nothing VAE-specific. scANVI trains from scratch, or for a few epochs from a fitted scVI
+model (scvi-tools' recommended recipe). :meth:`SCVIModel.map_query` and :meth:`SCANVIModel.map_query` add a
+query's batches to a fitted reference and train only their new one-hot columns (scArches). The wrappers
+implement the task contract, :class:`~atlasformer.finetune.task.Task`.
 
 Outputs written by ``write_outputs``: ``obsm['X_<key_added>']`` (posterior mean latent), and for scVI
 ``layers['<key_added>_denoised']`` (expected expression, CP10k); for totalVI ``obsm['protein_predicted']``
-(expected protein counts on the CLR scale) and ``uns['protein_predicted_names']``.
+(expected protein counts on the CLR scale) and ``uns['protein_predicted_names']``; for scANVI
+``obs['<key_added>_label']`` and ``obs['<key_added>_confidence']`` (predicted label, its probability).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -28,7 +34,16 @@ import scipy.sparse as sp
 import torch
 
 from atlasformer.checkpoints import load_vae_folder, resolve_model, save_vae_folder
-from atlasformer.model_zoo.vae import SCVIConfig, SCVIModule, TOTALVIConfig, TOTALVIModule
+from atlasformer.model_zoo.vae import (
+    NewBatchColumnsOnly,
+    SCANVIConfig,
+    SCANVIModule,
+    SCVIConfig,
+    SCVIModule,
+    TOTALVIConfig,
+    TOTALVIModule,
+    with_new_batches,
+)
 from atlasformer.tokenization import BatchOrder, InputError, check_counts
 from atlasformer.tokenization.anndata_io import check_obs_key, count_matrix, to_csr
 
@@ -72,6 +87,28 @@ def counts_for_genes(adata: ad.AnnData, genes: list[str] | None, *, layer: str |
     return (counts @ select).tocsr()
 
 
+def query_counts(query: ad.AnnData, genes: list[str], *, layer: str | None = None,
+                 source: str = "query") -> sp.csr_matrix:
+    """The reference genes' counts in ``query``, refusing a query that lacks any of them (surgery keeps the
+    reference encoder, whose inputs are exactly those genes)."""
+    missing = pd.Index(genes).difference(pd.Index(map(str, query.var_names)))
+    if len(missing):
+        raise InputError(
+            f"{source}: the query lacks {len(missing)} of the reference model's {len(genes)} genes (e.g. "
+            f"{list(missing[:5])}), so it has a different gene set from the reference. Use the reference's "
+            "gene identifiers in var_names (model.genes lists them); genes truly not measured in the query can be "
+            "added as zero-count columns (as scvi-tools' prepare_query_anndata does). Extra query genes are ignored.")
+    return counts_for_genes(query, genes, layer=layer, source=source)
+
+
+def check_cells_have_counts(counts: sp.csr_matrix, source: str, what: str) -> None:
+    """Refuse cells without counts in the modelled genes (the library size scales the likelihood's mean)."""
+    empty = np.asarray(counts.sum(1)).ravel() == 0
+    if empty.any():
+        raise InputError(f"{source}: {int(empty.sum())} cells have no counts in the modelled genes; "
+                         f"filter them (sc.pp.filter_cells(adata, min_counts=1)) before training {what}.")
+
+
 def batch_codes(obs: pd.DataFrame, batch_key: str | None, categories: list[str] | None, source: str) -> np.ndarray:
     """Integer batch codes (cells,) for ``obs[batch_key]`` in the order of ``categories``; zeros without a key."""
     if batch_key is None:
@@ -82,7 +119,8 @@ def batch_codes(obs: pd.DataFrame, batch_key: str | None, categories: list[str] 
     if (codes < 0).any():
         unseen = sorted(set(values[codes < 0]))[:5]
         raise InputError(f"{source}: obs[{batch_key!r}] has batches the model was not trained on ({unseen}); "
-                         f"known: {categories[:10]}. Train on all batches (scVI conditions its decoder on them).")
+                         f"known: {categories[:10]}. Train on all batches (scVI conditions its decoder on them), "
+                         "or map the query onto the model first: model.map_query(query) (scArches surgery).")
     return codes.astype(np.int64)
 
 
@@ -107,6 +145,7 @@ class _VAEModel:
         self.genes: list[str] | None = None
         self.batches: list[str] = ["all"]
         self.validation: dict = {}
+        self.validation_rows = np.array([], dtype=np.int64)  # positions of the last fit's validation cells
         self.history: list[float] = []
 
     # ------------------------------------------------------------------ setup
@@ -123,20 +162,23 @@ class _VAEModel:
     # ------------------------------------------------------------------ training
     def _train(self, obs: pd.DataFrame, make_inputs: Callable[[np.ndarray, float], dict],
                kl_weight_at: Callable[[int, int], float], lr: float, batch_size: int, patience: int | None,
-               description: str) -> dict:
+               description: str, epochs: int | None = None, overrides: dict | None = None) -> dict:
         """Train ``self.module`` with the shared loop on the cells of ``obs``; ``make_inputs(rows, kl_weight)``
-        builds one batch's kwargs.
+        builds one batch's kwargs. ``epochs`` is the default when the model has none; ``overrides`` replace fields
+        of the resulting :class:`FinetuneConfig`.
 
         Validation cells are those of :func:`~atlasformer.finetune.common.split_cells`, as for every task (a
         seeded ``val_fraction`` of the cells, or ``val_batch`` of ``batch_key``); with 10 cells or fewer none are
         held out and the ELBO is validated on the training cells.
         """
         n_cells = len(obs)
-        cfg = self.config or vae_training_config(n_cells, epochs=self.epochs, seed=self.seed, lr=lr,
+        cfg = self.config or vae_training_config(n_cells, epochs=self.epochs or epochs, seed=self.seed, lr=lr,
                                                  batch_size=batch_size, patience=patience)
+        cfg = dataclasses.replace(cfg, **(overrides or {}))
         if n_cells <= 10:
             cfg = dataclasses.replace(cfg, val_fraction=0.0)
         train, val = split_cells(obs, cfg, self.batch_key)
+        self.validation_rows = val
         steps_per_epoch = max(1, BatchOrder(len(train), min(cfg.batch_size, len(train)), seed=cfg.seed,
                                             drop_last=len(train) >= cfg.batch_size).batches_per_epoch())
         step = {"n": 0}
@@ -148,10 +190,10 @@ class _VAEModel:
             return make_inputs(train[rows], kl_weight)
 
         def validate(module):
-            elbo = self._mean_elbo(module, val if len(val) else train, make_inputs)
+            elbo, objective = self._mean_validation_losses(module, val if len(val) else train, make_inputs)
             self.history.append(elbo)
-            return -elbo, {"elbo_validation": elbo, "n_train": int(len(train)), "n_val": int(len(val)),
-                           "epochs": cfg.epochs, "steps": step["n"]}
+            return -objective, {"elbo_validation": elbo, "n_train": int(len(train)), "n_val": int(len(val)),
+                                "epochs": cfg.epochs, "steps": step["n"]}
 
         self.module, self.validation = fit(self.module, len(train), make_batch, validate, cfg,
                                            description=description, log=lambda message: None)
@@ -159,13 +201,67 @@ class _VAEModel:
 
     @staticmethod
     @torch.no_grad()
-    def _mean_elbo(module, rows: np.ndarray, make_inputs, batch_size: int = 1024) -> float:
-        """Mean negative ELBO (KL weight 1) per cell over ``rows``, in eval mode."""
-        total = 0.0
+    def _mean_validation_losses(module, rows: np.ndarray, make_inputs, batch_size: int = 1024) -> tuple[float, float]:
+        """Mean negative ELBO (KL weight 1) per cell over ``rows`` in eval mode, and the mean loss that picks the best
+        epoch: the module's ``validation_loss`` (scANVI adds its classification loss) or else the same ELBO."""
+        elbo = objective = 0.0
         for start in range(0, len(rows), batch_size):
             inputs = on_device(make_inputs(rows[start : start + batch_size], 1.0), module)
-            total += float(module(**inputs).extras["elbo"].sum())
-        return total / max(len(rows), 1)
+            extras = module(**inputs).extras
+            elbo += float(extras["elbo"].sum())
+            objective += float(extras.get("validation_loss", extras["elbo"]).sum())
+        return elbo / max(len(rows), 1), objective / max(len(rows), 1)
+
+    # ------------------------------------------------------------------ inference
+    def _inference_codes(self, adata: ad.AnnData, source: str) -> np.ndarray:
+        return batch_codes(adata.obs, self.batch_key, self.batches, source)
+
+    def _apply(self, adata: ad.AnnData, fn, source: str, chunk: int = 1024) -> np.ndarray:
+        """``fn(inputs)`` over chunks of ``adata`` in eval mode, concatenated as float32."""
+        self._require_module()
+        counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
+        make_inputs = self._inputs(counts, self._inference_codes(adata, source))
+        self.module.eval()
+        with torch.no_grad():
+            parts = [fn(on_device(make_inputs(np.arange(s, min(s + chunk, adata.n_obs)), 1.0), self.module))
+                     for s in range(0, adata.n_obs, chunk)]
+        return np.concatenate(parts).astype(np.float32)
+
+    # ------------------------------------------------------------------ surgery
+    def _map_query(self, query: ad.AnnData, epochs: int | None, source: str,
+                   query_inputs: Callable[[sp.csr_matrix, np.ndarray], Callable]):
+        """A copy of this model with the query's new batches added and only their one-hot columns trained on
+        ``query`` (``query_inputs(counts, codes)`` builds its ``make_inputs``); see :meth:`SCVIModel.map_query`."""
+        self._require_module()
+        if self.batch_key is None:
+            raise InputError("surgery adds the query's batches as new batch categories, so the reference must be "
+                             "trained with a batch covariate: fit it with batch_key=... .")
+        counts = query_counts(query, self.genes, layer=self.layer, source=source)
+        check_cells_have_counts(counts, source, "the query mapping")
+        check_obs_key(query.obs, self.batch_key, source=source, what="batch_key")
+        new = sorted(set(query.obs[self.batch_key].astype(str)) - set(self.batches))
+        mapped = copy.deepcopy(self)
+        if not new:
+            warnings.warn(f"{source}: every batch in obs[{self.batch_key!r}] is already one of the reference's; "
+                          "nothing to map: returning an unchanged copy (embed or predict the query directly).",
+                          stacklevel=3)
+            return mapped
+        if not self.module.config.encode_covariates:
+            warnings.warn("the reference encoder does not see the batch (encode_covariates=False), so surgery changes "
+                          "only the decoder and leaves the query's embedding and labels as they were; train the "
+                          "reference with encode_covariates=True (scArches' setting) for a mapped embedding.",
+                          stacklevel=3)
+        mapped.batches, mapped.epochs = self.batches + new, epochs
+        mapped.module = NewBatchColumnsOnly(with_new_batches(self.module, len(mapped.batches)), len(self.batches))
+        warmup = getattr(self, "n_epochs_kl_warmup", 400)
+        # no weight decay: it would move the frozen columns of the weights that hold new columns
+        overrides = {"weight_decay": 0.0, "mode": "full", **({"epochs": epochs} if epochs else {})}
+        mapped._train(query.obs, query_inputs(counts, batch_codes(query.obs, self.batch_key, mapped.batches, source)),
+                      lambda step, per_epoch: min(1.0, (step // per_epoch) / warmup) if warmup else 1.0,
+                      lr=1e-3, batch_size=128, patience=None, description="query surgery", overrides=overrides)
+        mapped.module = mapped.module.release()
+        mapped.validation = {**mapped.validation, "query_batches": len(new)}
+        return mapped
 
     # ------------------------------------------------------------------ persistence
     def _keys(self) -> dict:
@@ -242,10 +338,7 @@ class SCVIModel(_VAEModel):
         self.genes = self.genes or list(map(str, adata.var_names))
         counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
         codes = self._setup_batches(adata, source)
-        empty = np.asarray(counts.sum(1)).ravel() == 0
-        if empty.any():
-            raise InputError(f"{source}: {int(empty.sum())} cells have no counts in the modelled genes; "
-                             "filter them (sc.pp.filter_cells(adata, min_counts=1)) before training scVI.")
+        check_cells_have_counts(counts, source, "scVI")
         torch.manual_seed(self.seed)
         self.module = SCVIModule(SCVIConfig(n_genes=len(self.genes), n_batch=len(self.batches), **self.module_kwargs))
         warmup = self.n_epochs_kl_warmup
@@ -253,16 +346,31 @@ class SCVIModel(_VAEModel):
                            lambda step, per_epoch: min(1.0, (step // per_epoch) / warmup) if warmup else 1.0,
                            lr=1e-3, batch_size=128, patience=None, description="scvi")
 
-    def _apply(self, adata: ad.AnnData, fn, source: str, chunk: int = 1024) -> np.ndarray:
-        self._require_module()
-        counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
-        codes = batch_codes(adata.obs, self.batch_key, self.batches, source)
-        make_inputs = self._inputs(counts, codes)
-        self.module.eval()
-        with torch.no_grad():
-            parts = [fn(on_device(make_inputs(np.arange(s, min(s + chunk, adata.n_obs)), 1.0), self.module))
-                     for s in range(0, adata.n_obs, chunk)]
-        return np.concatenate(parts).astype(np.float32)
+    def map_query(self, query: ad.AnnData, *, epochs: int | None = None, source: str = "query") -> SCVIModel:
+        """Map ``query`` onto this reference by scArches surgery; returns a new model, this one is unchanged.
+
+        The new model's batches are this model's followed by the query's new ones (``obs[batch_key]``). Every
+        reference weight is copied and frozen (batch-norm statistics included); the new batches' one-hot columns,
+        zero-initialised, are the only weights trained on the query (Adam without weight decay, scvi-tools'
+        training plan otherwise). For the query's embedding to move, the reference must have been trained with
+        ``encode_covariates=True`` (scArches' setting; the encoder then sees the batch).
+
+        Parameters
+        ----------
+        query
+            Raw counts with every gene of the reference (extra genes are ignored) and ``obs[batch_key]``.
+        epochs
+            Query training epochs (default scvi-tools' heuristic on the query's cells, or the epochs of the full
+            ``config`` the reference was given; its other settings apply too).
+        source
+            Name of the query in messages.
+
+        Returns
+        -------
+        SCVIModel
+            The mapped model; its ``embed`` / ``predict`` take reference and query cells alike.
+        """
+        return self._map_query(query, epochs, source, self._inputs)
 
     def embed(self, adata: ad.AnnData, source: str = "data") -> np.ndarray:
         """(cells, n_latent) posterior means of z."""
@@ -443,3 +551,204 @@ class TOTALVIModel(_VAEModel):
 
     def _restore(self, config: dict) -> None:
         self.proteins, self.protein_layer = config.get("proteins", []), config.get("protein_layer")
+
+
+class SCANVIModel(_VAEModel):
+    """scANVI on AnnData: scVI with a label-aware latent, trained on partly labelled cells; predicts their labels.
+
+    Cells whose ``obs[labels_key]`` is NaN or ``unlabeled_category`` are unlabelled: they shape the latent
+    space through the ELBO with their label marginalised, and receive predictions.
+
+    Parameters
+    ----------
+    labels_key
+        obs column with cell-type labels (may also be given to :meth:`fit`).
+    unlabeled_category
+        The value marking unlabelled cells (scvi-tools' convention ``"Unknown"``); NaN is unlabelled too.
+    batch_key, layer, genes, epochs, seed, config
+        As :class:`SCVIModel` (default epochs: scvi-tools' heuristic; from a scVI model,
+        ``min(10, max(2, heuristic / 3))`` as scvi-tools).
+    n_epochs_kl_warmup
+        Epochs over which the KL weight rises from 0 to 1 (scvi-tools: 400).
+    **module_kwargs
+        :class:`~atlasformer.model_zoo.vae.SCANVIConfig` fields (``n_latent=10``, ``classification_ratio=50``,
+        ``encode_covariates=True`` for query surgery, ...).
+
+    Examples
+    --------
+    >>> scvi_model = SCVIModel(batch_key="batch")
+    >>> scvi_model.fit(adata)
+    >>> model = SCANVIModel.from_scvi_model(scvi_model, labels_key="cell_type")
+    >>> model.fit(adata)  # cells labelled "Unknown" are predicted
+    >>> adata.obs["scanvi_label"] = model.predict(adata)
+    """
+
+    module_classes = {"SCANVIModule": (SCANVIConfig, SCANVIModule)}
+    default_key = "scanvi"
+
+    def __init__(self, *, labels_key: str | None = None, unlabeled_category: str = "Unknown",
+                 genes: list[str] | None = None, n_epochs_kl_warmup: int = 400, **kwargs):
+        super().__init__(**kwargs)
+        self.labels_key, self.unlabeled_category = labels_key, unlabeled_category
+        self.genes = list(genes) if genes is not None else None
+        self.n_epochs_kl_warmup = n_epochs_kl_warmup
+        self.classes_: np.ndarray = np.array([], dtype=object)
+        self.scvi_state: dict | None = None  # weights of the scVI model this one starts from
+
+    @classmethod
+    def from_scvi_model(cls, scvi_model: SCVIModel, *, labels_key: str | None = None,
+                        unlabeled_category: str = "Unknown", **kwargs) -> SCANVIModel:
+        """An unfitted scANVI model that :meth:`fit` starts from ``scvi_model``'s weights (scvi-tools' recipe).
+
+        Genes, batches, count layer, seed, KL warm-up and architecture are the scVI model's; ``kwargs`` are
+        further :class:`SCANVIModel` options (``epochs``, ``classification_ratio``, ...).
+        """
+        scvi_model._require_module()
+        if type(scvi_model.module) is not SCVIModule:
+            raise InputError(f"from_scvi_model takes a fitted SCVIModel, not a {type(scvi_model).__name__}.")
+        architecture = {k: v for k, v in scvi_model.module.config.to_dict().items()
+                        if k not in ("n_genes", "n_batch", "architecture")}
+        options = {"batch_key": scvi_model.batch_key, "layer": scvi_model.layer, "seed": scvi_model.seed,
+                   "n_epochs_kl_warmup": scvi_model.n_epochs_kl_warmup, **architecture, **kwargs}
+        model = cls(labels_key=labels_key, unlabeled_category=unlabeled_category, genes=scvi_model.genes, **options)
+        model.batches = list(scvi_model.batches)
+        model.scvi_state = {k: v.detach().cpu().clone() for k, v in scvi_model.module.state_dict().items()}
+        return model
+
+    # ------------------------------------------------------------------ setup
+    def _labels(self, obs: pd.DataFrame, labels_key: str | None, source: str) -> np.ndarray:
+        """Label codes (cells,) in the order of ``classes_`` (set here), -1 for unlabelled cells."""
+        if labels_key is None:
+            raise InputError("scANVI trains on cell-type labels: pass labels_key (the obs column holding them, with "
+                             f"unlabelled cells marked {self.unlabeled_category!r} or NaN), e.g. "
+                             "fit(adata, labels_key='cell_type').")
+        check_obs_key(obs, labels_key, source=source, what="labels_key")
+        values = obs[labels_key]
+        unlabelled = values.isna().to_numpy() | (values.astype(str) == str(self.unlabeled_category)).to_numpy()
+        names = values.astype(str).to_numpy()
+        classes = sorted(set(names[~unlabelled]))
+        if not classes:
+            raise InputError(f"{source}: no labelled cells: every value of obs[{labels_key!r}] is NaN or the "
+                             f"unlabeled_category {self.unlabeled_category!r}. Label some cells, or pass the value "
+                             "that marks unlabelled cells as unlabeled_category.")
+        if len(classes) < 2:
+            raise InputError(f"{source}: the labelled cells of obs[{labels_key!r}] hold one class ({classes[0]!r}); "
+                             "scANVI needs at least two to classify. Label cells of other types too.")
+        self.classes_ = np.asarray(classes, dtype=object)
+        codes = pd.Index(classes).get_indexer(names)
+        return np.where(unlabelled, -1, codes).astype(np.int64)
+
+    def _inputs(self, counts: sp.csr_matrix, codes: np.ndarray, labels: np.ndarray | None = None):
+        labels = np.full(len(codes), -1, dtype=np.int64) if labels is None else labels
+
+        def make_inputs(rows, kl_weight):
+            return {"x": torch.from_numpy(counts[rows].toarray()),
+                    "batch_index": torch.from_numpy(codes[rows, None]),
+                    "labels": torch.from_numpy(labels[rows]),
+                    "kl_weight": torch.tensor(float(kl_weight))}
+        return make_inputs
+
+    # ------------------------------------------------------------------ training
+    def fit(self, adata: ad.AnnData, *, labels_key: str | None = None, unlabeled_category: str | None = None,
+            source: str = "data") -> dict:
+        """Train on every cell of ``adata``, labelled or not (10% held out for the validation ELBO).
+
+        Parameters
+        ----------
+        adata
+            Raw counts; ``obs[labels_key]`` with unlabelled cells marked ``unlabeled_category`` or NaN.
+        labels_key, unlabeled_category
+            Override the values given at construction.
+        source
+            Name of the data in messages.
+
+        Returns
+        -------
+        dict
+            Validation metrics: ``elbo_validation`` and, over labelled validation cells, ``accuracy_validation``.
+        """
+        self.labels_key = labels_key or self.labels_key
+        self.unlabeled_category = self.unlabeled_category if unlabeled_category is None else unlabeled_category
+        labels = self._labels(adata.obs, self.labels_key, source)
+        self.genes = self.genes or list(map(str, adata.var_names))
+        counts = counts_for_genes(adata, self.genes, layer=self.layer, source=source)
+        pretrained = self.scvi_state is not None  # batches are the scVI model's: its weights are tied to them
+        codes = batch_codes(adata.obs, self.batch_key, self.batches, source) if pretrained \
+            else self._setup_batches(adata, source)
+        check_cells_have_counts(counts, source, "scANVI")
+        torch.manual_seed(self.seed)
+        self.module = SCANVIModule(SCANVIConfig(n_genes=len(self.genes), n_batch=len(self.batches),
+                                                n_labels=len(self.classes_), **self.module_kwargs))
+        epochs = None
+        if pretrained:
+            self._load_scvi_weights()
+            epochs = min(10, max(2, round(max_epochs_heuristic(adata.n_obs) / 3)))
+        warmup = self.n_epochs_kl_warmup
+        metrics = self._train(adata.obs, self._inputs(counts, codes, labels),
+                              lambda step, per_epoch: min(1.0, (step // per_epoch) / warmup) if warmup else 1.0,
+                              lr=1e-3, batch_size=128, patience=None, description="scanvi", epochs=epochs)
+        self.validation = {**metrics, **self._validation_accuracy(adata, labels, source)}
+        return self.validation
+
+    def _load_scvi_weights(self) -> None:
+        missing, unexpected = self.module.load_state_dict(self.scvi_state, strict=False)
+        own = ("classifier.", "z2_encoder.", "z1_decoder.")
+        if unexpected or any(not key.startswith(own) for key in missing):
+            raise InputError("the scVI model's weights do not fit this scANVI model (architecture or genes differ); "
+                             "build it with SCANVIModel.from_scvi_model(scvi_model) and pass no architecture options.")
+
+    def _validation_accuracy(self, adata: ad.AnnData, labels: np.ndarray, source: str) -> dict:
+        rows = self.validation_rows[labels[self.validation_rows] >= 0]
+        if not len(rows):
+            return {}
+        predicted = self.predict_proba(adata[rows], source=source).argmax(1)
+        return {"accuracy_validation": float((predicted == labels[rows]).mean()), "n_val_labelled": int(len(rows))}
+
+    def map_query(self, query: ad.AnnData, *, epochs: int | None = None, source: str = "query") -> SCANVIModel:
+        """Map an unlabelled ``query`` onto this reference by scArches surgery; returns a new model.
+
+        As :meth:`SCVIModel.map_query`: only the query's new batch columns are trained (on the unlabelled
+        objective, the label marginalised); the classifier and every other weight stay the reference's.
+        """
+        return self._map_query(query, epochs, source, self._inputs)
+
+    # ------------------------------------------------------------------ inference
+    def _inference_codes(self, adata: ad.AnnData, source: str) -> np.ndarray:
+        if not self.module.config.encode_covariates:  # embedding and labels come from an encoder blind to batch
+            return np.zeros(adata.n_obs, dtype=np.int64)
+        return super()._inference_codes(adata, source)
+
+    def embed(self, adata: ad.AnnData, *, source: str = "data") -> np.ndarray:
+        """(cells, n_latent) posterior means of z1 (any batch, unless the encoder sees the batch)."""
+        return self._apply(adata, lambda inp: self.module.encode(inp["x"], inp["batch_index"]).loc.cpu().numpy(), source)
+
+    def predict_proba(self, adata: ad.AnnData, *, source: str = "data") -> np.ndarray:
+        """(cells, classes) label probabilities at the posterior mean of z1; columns in the order of ``classes_``."""
+        return self._apply(adata, lambda inp: torch.softmax(
+            self.module.classify(inp["x"], inp["batch_index"]), -1).cpu().numpy(), source)
+
+    def predict(self, adata: ad.AnnData, *, source: str = "data") -> np.ndarray:
+        """(cells,) predicted labels (str), the most probable class of :meth:`predict_proba`."""
+        return self.classes_[self.predict_proba(adata, source=source).argmax(1)].astype(str)
+
+    def write_outputs(self, adata: ad.AnnData, target: ad.AnnData, *, key_added: str = "scanvi",
+                      source: str = "data") -> None:
+        """``obsm['X_<key_added>']`` latent, ``obs['<key_added>_label']`` and ``obs['<key_added>_confidence']``."""
+        probabilities = self.predict_proba(adata, source=source)
+        target.obsm[f"X_{key_added}"] = self.embed(adata, source=source)
+        target.obs[f"{key_added}_label"] = pd.Categorical(self.classes_[probabilities.argmax(1)].astype(str),
+                                                          categories=self.classes_.astype(str))
+        target.obs[f"{key_added}_confidence"] = probabilities.max(1)
+
+    def plots(self, output: Path) -> list[Path]:
+        return []
+
+    # ------------------------------------------------------------------ persistence
+    def _keys(self) -> dict:
+        return {**super()._keys(), "labels_key": self.labels_key, "unlabeled_category": self.unlabeled_category,
+                "classes": [str(c) for c in self.classes_], "n_epochs_kl_warmup": self.n_epochs_kl_warmup}
+
+    def _restore(self, config: dict) -> None:
+        self.labels_key, self.unlabeled_category = config.get("labels_key"), config.get("unlabeled_category", "Unknown")
+        self.classes_ = np.asarray(config["classes"], dtype=object)
+        self.n_epochs_kl_warmup = config.get("n_epochs_kl_warmup", 400)

@@ -1,5 +1,6 @@
-"""Attention kernels of the CellTransformer: scaled_dot_product_attention that says why no kernel fits, and
-FlexAttention over the real tokens of a padded batch (``attention_impl="flex"``).
+"""Attention kernels of the CellTransformer: scaled_dot_product_attention that says why no kernel fits,
+FlexAttention over the real tokens of a padded batch (``attention_impl="flex"``), and the explicit softmax that
+returns the attention weights (``output_attentions=True``, for analysis; neither fused kernel returns them).
 
 Kept apart from the model file so that it reads top to bottom; nothing here holds weights.
 """
@@ -52,6 +53,24 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
         message = no_kernel_message(q.device.type, q.dtype, masked=attn_mask is not None, dropout_p=dropout_p,
                                     allowed=allowed_sdpa_backends())
         raise RuntimeError(message) from err
+
+
+def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T / sqrt(head_dim) + mask) V written out, returning the weights that SDPA and FlexAttention keep
+    to themselves: ``(out, weights)``, out (batch, heads, seq, head_dim) as :func:`sdpa` computes it (no dropout:
+    the weights path is for models in eval mode) and weights (batch, heads, seq, seq) in float32.
+
+    ``key_mask`` is None (every key real) or a (batch, 1, 1, seq) bool mask, True on keys that may be attended to:
+    each query's weights sum to 1 over the real keys and are exactly 0 on padding (padded queries, whose outputs
+    are never read, also attend to the real keys, as masked SDPA makes them).
+    """
+    with torch.autocast(q.device.type, enabled=False):  # float32 weights even inside a bf16 / fp16 autocast
+        scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (batch, heads, seq, seq)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float("-inf"))
+        weights = scores.softmax(dim=-1)  # (batch, heads, seq, seq)
+        return (weights @ v.float()).to(v.dtype), weights
 
 
 @functools.cache

@@ -7,7 +7,8 @@ each with their own LayerNorm, summed; continuous or categorical values) and Gen
 GELU, absolute position embeddings, LayerNorm after the sum, no values). Attention is
 ``torch.nn.functional.scaled_dot_product_attention``, with a key padding mask only when a batch has padding
 (flash takes none), or FlexAttention over the real tokens (``attention_impl="flex"``); no flash-attn
-package is needed.
+package is needed. ``output_attentions=True`` (eval mode) computes that call's attention as an explicit softmax
+instead, to return the weights of every layer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .attention import flex_attention_kernel, has_no_padding, padding_block_mask, sdpa
+from .attention import attention_with_weights, flex_attention_kernel, has_no_padding, padding_block_mask, sdpa
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -243,6 +244,8 @@ class CellModelOutput(ModelOutput):
     """Output of every trainable atlasformer module: a loss with its named terms, plus tensors.
 
     ``loss_terms`` holds each objective's (already weighted) contribution, like scvi-tools' LossOutput.
+    ``attentions`` (with ``output_attentions=True``) holds each layer's (batch, heads, seq, seq) attention weights,
+    first layer first, as transformers' outputs do.
     """
 
     loss: torch.Tensor | None = None
@@ -251,6 +254,7 @@ class CellModelOutput(ModelOutput):
     cell_embedding: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 # --------------------------------------------------------------------------------------- embeddings
@@ -329,16 +333,24 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model)
         self.attention_dropout = config.attention_dropout
 
-    def forward(self, x: torch.Tensor, attn_mask) -> torch.Tensor:
-        """``attn_mask``: None (no padding), a (batch, 1, 1, seq) bool key mask, or a flex block mask."""
+    def forward(self, x: torch.Tensor, attn_mask, output_attentions: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(output, weights)``: weights (batch, heads, seq, seq) with ``output_attentions``, else None.
+
+        ``attn_mask``: None (no padding), a (batch, 1, 1, seq) bool key mask, or a flex block mask (never with
+        ``output_attentions``: the encoder then passes the bool mask).
+        """
         b, s, d = x.shape
         qkv = self.in_proj(x).view(b, s, 3, self.n_heads, d // self.n_heads)  # (batch, seq, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim)
-        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a flex block mask
+        weights = None
+        if output_attentions:  # fused kernels keep the weights to themselves: the explicit softmax, this call only
+            out, weights = attention_with_weights(q, k, v, attn_mask)  # (batch, heads, seq, head_dim)
+        elif attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a flex block mask
             out = flex_attention_kernel(q.is_cuda)(q, k, v, block_mask=attn_mask)  # (batch, heads, seq, head_dim)
         else:
             out = sdpa(q, k, v, attn_mask, self.attention_dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, d))  # (batch, seq, d_model)
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, d)), weights  # (batch, seq, d_model)
 
 
 class EncoderBlock(nn.Module):
@@ -359,12 +371,16 @@ class EncoderBlock(nn.Module):
     def feed_forward(self, x):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask, output_attentions: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(output, attention weights or None)``, as :class:`SelfAttention`."""
         if self.norm_first:
-            x = x + self.dropout(self.attention(self.norm1(x), attn_mask))
-            return x + self.dropout(self.feed_forward(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.attention(x, attn_mask)))
-        return self.norm2(x + self.dropout(self.feed_forward(x)))
+            attended, weights = self.attention(self.norm1(x), attn_mask, output_attentions)
+            x = x + self.dropout(attended)
+            return x + self.dropout(self.feed_forward(self.norm2(x))), weights
+        attended, weights = self.attention(x, attn_mask, output_attentions)
+        x = self.norm1(x + self.dropout(attended))
+        return self.norm2(x + self.dropout(self.feed_forward(x))), weights
 
 
 class CellEncoder(nn.Module):
@@ -375,25 +391,31 @@ class CellEncoder(nn.Module):
         self.gradient_checkpointing = False
         self.flex = config.attention_impl == "flex"
 
-    def attention_mask_for(self, attention_mask: torch.Tensor | None, device: torch.device):
+    def attention_mask_for(self, attention_mask: torch.Tensor | None, device: torch.device, dense: bool = False):
         """What the attention layers get: None without padding (so flash can run), else flex's block mask
-        or a (batch, 1, 1, seq) bool mask, True where a key may be attended to."""
+        or a (batch, 1, 1, seq) bool mask, True where a key may be attended to (always the bool mask when
+        ``dense``: the explicit softmax of ``output_attentions`` takes no block mask)."""
         if attention_mask is None or has_no_padding(attention_mask):
             return None
         real = attention_mask.to(device).bool()  # (batch, seq)
         # FlexAttention has no CPU backward: CPU training takes the masked SDPA path, which computes the same
-        if self.flex and (device.type != "cpu" or not torch.is_grad_enabled()):
+        if self.flex and not dense and (device.type != "cpu" or not torch.is_grad_enabled()):
             return padding_block_mask(real)
         return real[:, None, None, :]
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        attn_mask = self.attention_mask_for(attention_mask, x.device)
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """``(hidden states, each layer's (batch, heads, seq, seq) attention weights or None)``."""
+        attn_mask = self.attention_mask_for(attention_mask, x.device, dense=output_attentions)
+        attentions = []
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, use_reentrant=False)
+            if self.gradient_checkpointing and self.training:  # never with output_attentions (eval mode only)
+                x, weights = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, use_reentrant=False)
             else:
-                x = layer(x, attn_mask)
-        return self.final_norm(x) if self.final_norm is not None else x
+                x, weights = layer(x, attn_mask, output_attentions)
+            attentions.append(weights)
+        x = self.final_norm(x) if self.final_norm is not None else x
+        return x, tuple(attentions) if output_attentions else None
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -453,10 +475,18 @@ class CellTransformer(CellTransformerPreTrainedModel):
         m = attention_mask[:, 1:, None].to(hidden)  # (batch, seq - 1, 1); a CPU mask moves to the GPU
         return (genes * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def forward(self, input_ids, values=None, attention_mask=None, conditions=None) -> CellModelOutput:
+    def forward(self, input_ids, values=None, attention_mask=None, conditions=None,
+                output_attentions: bool = False) -> CellModelOutput:
+        """Hidden states (batch, seq, d_model) and cell embedding (batch, d_model); with ``output_attentions``
+        (eval mode only) also ``attentions``, each layer's (batch, heads, seq, seq) weights, zero on padded keys."""
+        if output_attentions and self.training:
+            raise ValueError("output_attentions=True is for analysing a model in eval mode: call model.eval() first "
+                             "(training runs fused attention kernels, with dropout and gradient checkpointing, which "
+                             "return no weights).")
         x = self.embeddings(input_ids, values, conditions)  # (batch, seq, d_model)
-        hidden = self.encoder(x, attention_mask)
-        return CellModelOutput(loss_terms={}, hidden_states=hidden, cell_embedding=self.pool(hidden, attention_mask), extras={})
+        hidden, attentions = self.encoder(x, attention_mask, output_attentions)
+        return CellModelOutput(loss_terms={}, hidden_states=hidden, cell_embedding=self.pool(hidden, attention_mask),
+                               extras={}, attentions=attentions)
 
 
 # ---------------------------------------------------------------------------------- pretraining heads
@@ -552,6 +582,7 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
         target_mask: torch.Tensor | None = None,
         loss_normalizer: torch.Tensor | float | None = None,
         objective_weights: dict[str, float] | None = None,
+        output_attentions: bool = False,
     ) -> CellModelOutput:
         """Hidden states, cell embedding and, with targets, the weighted losses.
 
@@ -567,6 +598,8 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
         objective_weights
             ``masked_value`` / ``masked_gene`` / ``mvc`` -> weight; a missing or zero-weight objective is off.
             None: every objective this model has a head for, at weight 1.
+        output_attentions
+            Also return ``attentions``, each layer's (batch, heads, seq, seq) attention weights (eval mode only).
 
         Returns
         -------
@@ -576,11 +609,12 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
             With it: the loss terms, and the same predictions at the targets only, (n_targets, ...) in
             ``target_mask.nonzero()`` order, for the objectives that are on.
         """
-        out = self.backbone(input_ids, values, attention_mask, conditions)
+        out = self.backbone(input_ids, values, attention_mask, conditions, output_attentions=output_attentions)
         hidden, cell = out.hidden_states, out.cell_embedding  # (batch, seq, d_model), (batch, d_model)
         if target_mask is None:
             logits, extras = self.predict_every_position(input_ids, hidden, cell)
-            return CellModelOutput(loss_terms={}, logits=logits, cell_embedding=cell, hidden_states=hidden, extras=extras)
+            return CellModelOutput(loss_terms={}, logits=logits, cell_embedding=cell, hidden_states=hidden, extras=extras,
+                                   attentions=out.attentions)
         weights = self.active_objectives(self.objective_weights if objective_weights is None else objective_weights)
         # the target count sizes the gather: one host sync per forward on a GPU (after the backbone is queued,
         # so a bubble of one kernel launch), far cheaper than vocabulary logits at every position
@@ -608,7 +642,8 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
             per_target = (mvc.float() - value_targets.flatten()[at].float()) ** 2
             terms["mvc"] = weights["mvc"] * per_target.sum() / normalizer
         loss = sum(terms.values()) if terms else None
-        return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=cell, hidden_states=hidden, extras=extras)
+        return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=cell, hidden_states=hidden,
+                               extras=extras, attentions=out.attentions)
 
     def active_objectives(self, weights: dict[str, float] | None) -> dict[str, float]:
         """Objective -> weight of the objectives that are on: named with a non-zero weight (all at 1 for None)."""

@@ -1,12 +1,15 @@
-"""Classic VAE baselines as torch modules: scVI (NB / ZINB) and totalVI (RNA + protein), read top to bottom.
+"""Classic VAE baselines as torch modules: scVI (NB / ZINB), totalVI (RNA + protein) and scANVI, read top to bottom.
 
-fully connected layers -> encoder / decoders -> :class:`SCVIModule` -> :class:`TOTALVIModule`.
+fully connected layers -> encoder / decoders -> :class:`SCVIModule` -> :class:`TOTALVIModule` ->
+:class:`SCANVIModule` -> query-to-reference surgery (:func:`with_new_batches`, :class:`NewBatchColumnsOnly`).
 
 The architecture, likelihoods (in :mod:`.likelihoods`) and loss follow scvi-tools (``scvi/module/_vae.py``,
-``_totalvae.py``, ``scvi/nn/_base_components.py``, ``scvi/distributions/_negative_binomial.py``) at its
-defaults: log1p encoder input, one hidden layer of 128 with batch norm (momentum 0.01, eps 0.001) and
+``_totalvae.py``, ``_scanvae.py``, ``scvi/nn/_base_components.py``, ``scvi/distributions/_negative_binomial.py``)
+at its defaults: log1p encoder input, one hidden layer of 128 with batch norm (momentum 0.01, eps 0.001) and
 dropout 0.1, a batch covariate one-hot injected into every decoder layer, gene-wise dispersion, a softmax
-decoder scaled by the observed library size. Both modules return :class:`CellModelOutput` with the loss and its named
+decoder scaled by the observed library size. Surgery follows scArches (Lotfollahi et al. 2022; scvi-tools'
+``ArchesMixin.load_query_data``): new batch categories get zero-initialised one-hot columns, and only those
+are trained on the query. Every module returns :class:`CellModelOutput` with the loss and its named
 terms (like scvi-tools' ``LossOutput``), so the one fine-tuning loop trains them. Tensors only: the
 AnnData-facing wrappers live in ``atlasformer.finetune.vae_models``.
 """
@@ -14,6 +17,7 @@ AnnData-facing wrappers live in ``atlasformer.finetune.vae_models``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -331,3 +335,172 @@ class TOTALVIModule(nn.Module):
             gene = gene + out["gene_scale"] / n_samples
             protein = protein + nb_mixture_mean(out["protein_back"], out["protein_fore"], out["background_logits"]) / n_samples
         return {"gene_scale": gene, "protein": protein}
+
+
+# --------------------------------------------------------------------------------------- scANVI
+@dataclass(frozen=True)
+class SCANVIConfig(SCVIConfig):
+    """Architecture of a :class:`SCANVIModule`: scVI's fields plus the labels (scvi-tools' SCANVAE defaults)."""
+
+    n_labels: int = 0
+    """Cell-type classes (at least two; unlabelled cells are not a class)."""
+    classification_ratio: float = 50.0
+    """Weight of the classification loss on labelled cells (scvi-tools' default 50)."""
+    architecture: str = "SCANVIModule"
+    """Class name, so a saved folder names what it holds."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_labels < 2:
+            raise ValueError(f"n_labels={self.n_labels}: scANVI needs at least two cell-type classes")
+        if self.classification_ratio < 0:
+            raise ValueError("classification_ratio must be non-negative")
+
+
+class SCANVIModule(SCVIModule):
+    """scANVI (Xu et al. 2021), scVI with a label-aware hierarchical prior on its latent z1.
+
+    Inference: z1 ~ q(z1 | x, batch) (scVI's encoder), y ~ q(y | z1) (the classifier), z2 ~ q(z2 | z1, y).
+    Generation: z2 ~ N(0, I), y ~ uniform, z1 ~ p(z1 | z2, y), x ~ scVI's count decoder from (z1, batch).
+    Per cell, with one sample of z1 and, for each label, one of z2:
+
+    - labelled (y known): ``-log p(x | z1) + [log q(z1 | x) - log p(z1 | z2, y)] + KL(q(z2 | z1, y) || p(z2))``;
+    - unlabelled: the same with the label terms averaged under q(y | z1), plus ``KL(q(y | z1) || p(y))``.
+
+    The loss is the mean over cells with the KL terms of z2 and y scaled by ``kl_weight`` (the z1 term is
+    not, as in scvi-tools, where it counts with the reconstruction), plus ``classification_ratio`` times the
+    cross-entropy of the classifier at the posterior mean of z1 over the labelled cells. Terms:
+    ``reconstruction``, ``kl_z1``, ``kl_z2``, ``kl_y`` (weighted) and ``classification`` (weighted).
+    ``forward(x, batch_index, labels, kl_weight)`` takes ``labels`` (cells,) or (cells, 1) with -1 for
+    unlabelled cells (None: all unlabelled); ``extras['elbo']`` is the per-cell unweighted negative ELBO and
+    ``extras['validation_loss']`` adds each labelled cell's weighted cross-entropy (what validation selects on,
+    so that the classifier counts when the best epoch is chosen).
+    """
+
+    def __init__(self, config: SCANVIConfig):
+        super().__init__(config)
+        n_z, n_y, n_h, n_layers = config.n_latent, config.n_labels, config.n_hidden, config.n_layers
+        self.classifier = nn.Sequential(FCLayers(n_z, n_h, 0, n_layers, n_h, config.dropout), nn.Linear(n_h, n_y))
+        self.z2_encoder = GaussianEncoder(n_z, n_z, n_y, n_layers, n_h, config.dropout)
+        self.z1_decoder = GaussianEncoder(n_z, n_z, n_y, n_layers, n_h, dropout=0.0)  # p(z1 | z2, y)
+
+    def classify(self, x: torch.Tensor, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Label logits (cells, n_labels) at the posterior mean of z1, as scvi-tools predicts."""
+        return self.classifier(self.encode(x, batch_index).loc)
+
+    def label_conditional_terms(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``-log p(z1 | z2, y)`` and ``KL(q(z2 | z1, y) || N(0, I))`` for every label y, each (cells, n_labels).
+
+        Every cell is paired with every label (label-major), so labelled and unlabelled cells draw the
+        same z2 samples and a labelled cell's term is one column of the unlabelled average.
+        """
+        n_cells, n_y = len(z1), self.config.n_labels
+        ys = torch.arange(n_y, device=z1.device).repeat_interleave(n_cells)[:, None]  # (n_y * cells, 1)
+        z1s = z1.repeat(n_y, 1)  # (n_y * cells, n_latent)
+        qz2 = self.z2_encoder(z1s, ys)
+        z2 = qz2.rsample()  # (n_y * cells, n_latent)
+        neg_log_pz1 = -self.z1_decoder(z2, ys).log_prob(z1s).sum(-1)  # (n_y * cells,)
+        kl_z2 = kl_divergence(qz2, Normal(torch.zeros_like(z2), torch.ones_like(z2))).sum(-1)
+        return neg_log_pz1.view(n_y, n_cells).T, kl_z2.view(n_y, n_cells).T
+
+    def forward(self, x: torch.Tensor, batch_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                kl_weight: torch.Tensor | float = 1.0, **unused) -> CellModelOutput:
+        n_y = self.config.n_labels
+        qz1 = self.encode(x, batch_index)
+        z1 = qz1.rsample()  # (cells, n_latent)
+        scale, zi_logits = self.decode(z1, batch_index)
+        reconstruction = -self.log_likelihood(x, scale, zi_logits)  # (cells,)
+        neg_log_pz1, kl_z2_per_label = self.label_conditional_terms(z1)  # (cells, n_labels) each
+        log_qy = F.log_softmax(self.classifier(z1), dim=-1)  # (cells, n_labels), q(y | z1)
+        labels = torch.full((len(x),), -1, device=x.device) if labels is None else labels.view(-1).long()
+        labelled = labels >= 0  # (cells,)
+        # labelled cells weight their own label's terms; unlabelled ones average them under q(y | z1)
+        weights = torch.where(labelled[:, None], F.one_hot(labels.clamp(min=0), n_y).to(x.dtype), log_qy.exp())
+        kl_z1 = qz1.log_prob(z1).sum(-1) + (weights * neg_log_pz1).sum(-1)  # (cells,) one-sample estimate
+        kl_z2 = (weights * kl_z2_per_label).sum(-1)
+        kl_y = torch.where(labelled, 0.0, (log_qy.exp() * (log_qy + math.log(n_y))).sum(-1))  # KL to uniform p(y)
+        logits = self.classifier(qz1.loc)  # (cells, n_labels)
+        cross_entropy = torch.where(labelled, F.cross_entropy(logits, labels.clamp(min=0), reduction="none"), 0.0)
+        ratio = self.config.classification_ratio
+        terms = {"reconstruction": reconstruction.mean(), "kl_z1": kl_z1.mean(), "kl_z2": (kl_weight * kl_z2).mean(),
+                 "kl_y": (kl_weight * kl_y).mean(),
+                 "classification": ratio * cross_entropy.sum() / labelled.sum().clamp(min=1)}  # mean over labelled
+        elbo = reconstruction + kl_z1 + kl_z2 + kl_y  # (cells,)
+        return CellModelOutput(loss=sum(terms.values()), loss_terms=terms, logits=logits, cell_embedding=qz1.loc,
+                               extras={"scale": scale, "qz_var": qz1.scale.square(), "reconstruction": reconstruction,
+                                       "label_probabilities": log_qy.exp(), "elbo": elbo,
+                                       "validation_loss": elbo + ratio * cross_entropy})
+
+
+# --------------------------------------------------------------------------------------- surgery (scArches)
+def with_new_batches(module: SCVIModule, n_batch: int) -> SCVIModule:
+    """A copy of ``module`` for ``n_batch`` batch categories (its own first, new ones after), scArches-style.
+
+    Every weight is copied; a layer reading the batch one-hot gains zero-initialised columns for the new
+    categories, so the copy computes exactly what ``module`` does on the reference batches. A module built
+    for one batch has no batch columns (one category carries no information): its batch stays at zero.
+    """
+    if n_batch < module.config.n_batch:
+        raise ValueError(f"n_batch={n_batch} is fewer than the module's {module.config.n_batch} batches")
+    expanded = type(module)(dataclasses.replace(module.config, n_batch=n_batch))
+    state = expanded.state_dict()
+    for name, old in module.state_dict().items():
+        if state[name].shape != old.shape:  # (out, in + old one-hot) -> (out, in + new one-hot): one-hot columns last
+            padded = torch.zeros_like(state[name])
+            padded[..., : old.shape[-1]] = old
+            old = padded
+        state[name] = old
+    expanded.load_state_dict(state)  # copies the values: the two modules share no storage
+    return expanded.to(next(module.parameters()).device)
+
+
+def new_batch_column_masks(module: SCVIModule, n_reference_batches: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(weight, mask) for every linear layer reading the batch one-hot: the mask is 1 on the columns of
+    batches ``n_reference_batches, ...`` and 0 elsewhere (expression inputs and reference batches)."""
+    layers = [module.decoder] + ([module.z_encoder.hidden] if module.config.encode_covariates else [])
+    masks = []
+    for fc in layers:
+        for block in fc.layers:
+            weight = block[0].weight  # (out, in + n_cat)
+            first_new = weight.shape[1] - fc.n_cat + n_reference_batches
+            mask = torch.zeros_like(weight)
+            mask[:, first_new:] = 1.0
+            masks.append((weight, mask))
+    return masks
+
+
+class NewBatchColumnsOnly(nn.Module):
+    """Wraps a module expanded by :func:`with_new_batches` so that training changes only the new batch columns.
+
+    Every parameter is frozen except the weights holding new batch columns, whose gradients are masked to those
+    columns; batch norm keeps the reference statistics (eval mode, whatever ``train()`` is called with); dropout
+    stays active, as in scvi-tools' defaults. The optimizer must use no weight decay (it would move the frozen
+    columns of a trained weight). :meth:`release` removes the hooks and returns the plain module.
+    """
+
+    def __init__(self, module: SCVIModule, n_reference_batches: int):
+        super().__init__()
+        self.module = module
+        for param in module.parameters():
+            param.requires_grad_(False)
+        self._hooks = []
+        for weight, mask in new_batch_column_masks(module, n_reference_batches):
+            weight.requires_grad_(True)
+            self._hooks.append(weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device)))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for layer in self.module.modules():
+            if isinstance(layer, nn.BatchNorm1d):
+                layer.eval()  # running statistics are reference weights too
+        return self
+
+    def forward(self, *args, **kwargs) -> CellModelOutput:
+        return self.module(*args, **kwargs)
+
+    def release(self) -> SCVIModule:
+        for hook in self._hooks:
+            hook.remove()
+        for param in self.module.parameters():
+            param.requires_grad_(True)
+        return self.module.eval()

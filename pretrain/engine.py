@@ -58,9 +58,12 @@ OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 # --------------------------------------------------------------------------------------- helpers
 def configure_threads(threads: int) -> None:
-    """Intra-op threads: as asked, or the cores split between the local processes."""
+    """Intra-op threads: as asked, else ``OMP_NUM_THREADS``, else the cores split between the local processes."""
     if threads > 0:
         torch.set_num_threads(threads)
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        # set again: numba's thread pool (scanpy's kernels) shares the OpenMP runtime and raises it to every core
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     elif "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

@@ -201,3 +201,43 @@ def test_collect_replaces_a_rerun_method_in_place(collect, tmp_path):
     (rerun / "timings.json").write_text(json.dumps({"task": "annotation", "dataset": "missing", "command": "cmd"}))
     with pytest.raises(SystemExit, match="no run with task annotation and dataset missing"):
         collect.replace_methods(rows, metas, rerun)
+
+
+def test_mapping_task_scores_every_method_on_held_out_batches(kang_small, tmp_path):
+    """`benchmark --task mapping`: the BENCHMARKS.md section 5 metrics per method, from the annotation folds."""
+    out = tmp_path / "map"
+    code = main(["benchmark", "--task", "mapping", "--data", str(kang_small), "--labels-key", "cell_type",
+                 "--batch-key", "batch", "--methods", "logreg", "pca_knn", "scvi_surgery", "--seeds", "0",
+                 "--output", str(out), "min_holdout_cells=100", "scvi_epochs=3", "max_holdout_batches=1"])
+    assert code == 0
+    rows = [r for r in json.loads((out / "results.json").read_text()) if "fold" not in r]
+    assert all(r["task"] == "mapping" for r in rows)
+    scores = {(r["method"], r["metric"]): r["value"] for r in rows}
+    for method in ("logreg", "pca_knn", "scvi_surgery"):
+        for metric in ("accuracy", "macro_f1", "ece", "auroc_error", "ilisi_query"):
+            assert np.isfinite(scores[(method, metric)]), (method, metric)
+        assert 0 <= scores[(method, "ece")] <= 1
+    assert scores[("logreg", "accuracy")] > 0.8 and scores[("pca_knn", "accuracy")] > 0.6
+    assert "## mapping: kang_small" in (out / "report.md").read_text()
+
+
+def test_mapping_a_query_file_reports_its_composition(kang_small, tmp_path):
+    """With --query, the query's labels are never used: the rows are the predicted composition and unknown fraction."""
+    adata = ad.read_h5ad(kang_small)
+    donors = adata.obs["batch"].astype(str)
+    first = donors == donors.iloc[0]
+    reference, query = tmp_path / "reference.h5ad", tmp_path / "query.h5ad"
+    adata[~first.to_numpy()].copy().write_h5ad(reference)
+    q = adata[first.to_numpy()].copy()
+    del q.obs["cell_type"]  # a query without labels
+    q.write_h5ad(query)
+    out = tmp_path / "map"
+    code = main(["benchmark", "--task", "mapping", "--data", str(reference), "--query", str(query), "--labels-key",
+                 "cell_type", "--batch-key", "batch", "--methods", "logreg", "pca_knn", "--seeds", "0",
+                 "--output", str(out)])
+    assert code == 0
+    rows = [r for r in json.loads((out / "results.json").read_text()) if "fold" not in r]
+    assert {r["dataset"] for r in rows} == {"reference_to_query"}
+    fractions = [r["value"] for r in rows if r["method"] == "logreg" and r["metric"].startswith("fraction_")]
+    assert sum(fractions) == pytest.approx(1.0) and len(fractions) >= 3
+    assert any(r["metric"] == "unknown_fraction" for r in rows)

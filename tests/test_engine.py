@@ -170,3 +170,21 @@ def test_latest_checkpoint_ignores_unfinished_and_prune_keeps_last(tmp_path):
     prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(p.name for p in root.iterdir() if (p / MARKER).exists()) == [".step-25.tmp", "step-10", "step-15"]
     assert not (root / "step-5").exists()
+
+
+def test_threads_follow_omp_num_threads_after_numba_raised_them(monkeypatch):
+    """numba (scanpy) raises the shared OpenMP thread count; the engine sets torch back to OMP_NUM_THREADS."""
+    import torch
+
+    from atlasformer.pretrain.engine import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)  # what numba's pool start leaves behind
+        configure_threads(0)
+        assert torch.get_num_threads() == 1
+        configure_threads(2)  # an explicit setting wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

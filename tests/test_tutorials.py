@@ -13,6 +13,12 @@ EXPECTED = {
     "integration": ["model/config.json", "metrics.json", "umap_batch.png", "umap_cell_type.png", "cells.h5ad"],
     "imputation": ["model/config.json", "metrics.json", "imputation_mcv.png", "cells.h5ad"],
     "modality": ["model/config.json", "metrics.json", "protein_predicted_vs_observed.png", "cells.h5ad"],
+    "mapping": ["mapping.png", "mapping.json", "query.h5ad", "index/index.faiss", "index/obs.parquet", "index/index.json",
+                "query_neighbours.csv"],
+    "genes": ["gene_embeddings.h5ad", "programs.csv", "enrichment.csv", "attention_edges.csv",
+              "perturbation_ranked.csv", "perturbation_per_cell.csv"],
+    "cells": ["clusters.png", "clusters_model.png", "cluster.json", "cells.h5ad", "trajectory.png", "trajectory.json",
+              "trajectory.h5ad"],
 }
 
 

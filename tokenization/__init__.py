@@ -17,7 +17,7 @@ from .data import (
 )
 from .gene_ids import GeneIdReport, GeneResolution, load_gene_table, resolve_gene_ids
 from .medians import gene_nonzero_medians
-from .simulate import simulate_counts, simulate_proteins
+from .simulate import simulate_counts, simulate_proteins, simulate_trajectory
 from .streaming import CorpusLoader, LoaderConfig
 from .tokenizer import CellTokenizer, TokenizedCells, TokenizerConfig, TokenizeReport
 from .vocab import GeneVocab
@@ -57,5 +57,6 @@ __all__ = [
     "resolve_genes",
     "simulate_counts",
     "simulate_proteins",
+    "simulate_trajectory",
     "tokenize_anndata",
 ]
