@@ -96,6 +96,8 @@ def goal_summary(rows: list[dict], metas: list[dict]) -> tuple[list[str], dict]:
             lines.append(f"| {key[0]} | {key[1]} | | not assessed: {meta.get('skipped', {}).get('atlasformer', '')} |"
                          " | | | | | | |")
             continue
+        if not headline_metrics(key[0], metrics):  # a mapping query without labels: composition only
+            continue
         result = goal(sub, key[0], metrics, methods)
         counts["assessed"] += 1
         counts["beats_scratch"] += bool(result["beats_scratch"])

@@ -76,7 +76,8 @@ def goal(table: pd.DataFrame, task: str, metrics: list[str], methods: list[str])
             value = table.loc[(best, metric), "mean"]
             ok = better(ours, value, metric, or_equal=True)
             matches = ok if matches is None else matches and ok
-            parts.append(f"vs best baseline {best} {value:.3f} ({'at least as good' if ok else 'worse'})")
+            name = "" if "atlasformer_scratch" in methods else f"{metric}: {ours:.4f} "  # else named with scratch
+            parts.append(f"{name}vs best baseline {best} {value:.{4 if name else 3}f} ({'at least as good' if ok else 'worse'})")
     return {"beats_scratch": beats, "matches_baseline": matches, "parts": parts}
 
 
