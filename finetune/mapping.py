@@ -579,8 +579,10 @@ def map_query(reference: ad.AnnData, query: ad.AnnData, model: str | os.PathLike
     """
     reference_labels(reference, labels_key)  # bad keys fail before any model runs
     check_obs_key(reference.obs, batch_key, source="reference", what="batch_key")
-    reference_rep, query_rep, facts = mapping_representation(reference, query, model, representation, layer=layer,
-                                                             gene_key=gene_key, cpu=cpu, seed=seed,
+    # a fine-tuned annotation folder is loaded once: it embeds (its backbone) and labels (its classifier)
+    annotator = fine_tuned_annotator(model, layer=layer, gene_key=gene_key, cpu=cpu)
+    reference_rep, query_rep, facts = mapping_representation(reference, query, annotator or model, representation,
+                                                             layer=layer, gene_key=gene_key, cpu=cpu, seed=seed,
                                                              embedding_weight=embedding_weight)
     keep = list(dict.fromkeys([labels_key, *([batch_key] if batch_key else [])]))
     scratch = ad.AnnData(obs=reference.obs[keep].copy())  # the reference as the kNN and the layout need it
@@ -593,7 +595,6 @@ def map_query(reference: ad.AnnData, query: ad.AnnData, model: str | os.PathLike
     target.obsm["X_atlasformer"] = query_rep
     transfer_labels(target, scratch, labels_key=labels_key, batch_key=batch_key, n_neighbors=n_neighbors,
                     unknown_confidence=unknown_confidence, key_added=key_added, seed=seed)
-    annotator = fine_tuned_annotator(model, layer=layer, gene_key=gene_key, cpu=cpu)
     if annotator is not None:
         classifier_labels(target, annotator, query, key_added=key_added, unknown_confidence=unknown_confidence)
     project_umap(target, scratch, n_neighbors=n_neighbors, seed=seed)
