@@ -31,7 +31,13 @@ from .common import (
     tokenize_for_model,
 )
 from .config import FinetuneConfig
-from .expression import expression_setup, fit_expression_path, fit_logistic_readout, readout_inputs
+from .expression import (
+    expression_setup,
+    fit_expression_path,
+    fit_logistic_readout,
+    out_of_fold_temperature,
+    readout_inputs,
+)
 from .fit import fit
 from .metrics import classification_metrics, plot_confusion_matrix
 
@@ -126,7 +132,13 @@ class Annotator(FinetunedTask):
             self.model, self.validation = model, validate(model)[1]  # scored on held-out cells, then refitted on all
             self.validation["refitted_on_all_cells"] = True
             self._val_pairs = validation_pairs(model)
-            fit_logistic_readout(model.classifier, z[fit_rows], y[fit_rows], len(classes), cfg.seed)
+            temperature = 1.0
+            if cfg.calibrate:
+                groups = None if self.batch_key is None else data.obs[self.batch_key].astype(str).to_numpy()[fit_rows]
+                temperature = out_of_fold_temperature(z[fit_rows], y[fit_rows], len(classes), groups, cfg.seed)
+            self.validation["temperature"] = temperature
+            fit_logistic_readout(model.classifier, z[fit_rows], y[fit_rows], len(classes), cfg.seed,
+                                 temperature=temperature)
         else:
             weights = None
             if cfg.class_weighting:

@@ -76,7 +76,7 @@ def atlasformer(split: Split, representation=None, fine_tune: bool = True) -> Ma
     model = inp.model
     if fine_tune:  # the annotation recipe on the reference; the query's labels are never seen
         model = Annotator(inp.model, finetune_config(inp, split.seed, split.cfg), labels_key=inp.labels_key,
-                          layer=inp.layer, gene_key=inp.gene_key)
+                          batch_key=inp.batch_key, layer=inp.layer, gene_key=inp.gene_key)
         model.fit(reference, source="reference")
     ref_rep, query_rep, _ = mapping_representation(reference, query, model, representation, layer=inp.layer,
                                                    gene_key=inp.gene_key, seed=split.seed)

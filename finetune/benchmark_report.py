@@ -27,6 +27,11 @@ HEADLINE = {"annotation": ("accuracy", "macro_f1"), "integration": ("total",), "
 LOWER_IS_BETTER = frozenset({"poisson_nll", "rmse", "ece"})
 
 
+def descriptive(metric: str) -> bool:
+    """A description with no better direction: a mapped query's unknown fraction and predicted composition."""
+    return metric == "unknown_fraction" or metric.startswith("fraction_")
+
+
 def summary_table(rows: list[dict]) -> pd.DataFrame:
     """Aggregate rows (no ``fold`` key) -> DataFrame indexed by (task, dataset, method, metric) with mean, std, n."""
     frame = pd.DataFrame([r for r in rows if "fold" not in r])
@@ -115,11 +120,13 @@ def task_section(task: str, dataset: str, table: pd.DataFrame, meta: dict, plot:
     facts = [f"{meta.get('n_cells', '?')} cells x {meta.get('n_genes', '?')} genes", f"seeds {seeds}"]
     if meta.get("modality"):
         facts.append(f"modality {meta['modality']}")
-    lines += [", ".join(facts) + ". Mean +- std over seeds; best in bold "
-              f"({', '.join(m + (' (lower is better)' if m in LOWER_IS_BETTER else '') for m in metrics)}).", ""]
+    ranked = [m + (" (lower is better)" if m in LOWER_IS_BETTER else "") for m in metrics if not descriptive(m)]
+    lines += [", ".join(facts) + ". Mean +- std over seeds; best in bold (" + ", ".join(ranked) + ")"
+              + ("; the unknown fraction and composition describe, none is best" if len(ranked) < len(metrics) else "")
+              + ".", ""]
     header = "| method | " + " | ".join(metrics) + " | wall time (s, all seeds) |"
     lines += [header, "|" + "---|" * (len(metrics) + 2)]
-    best = {metric: best_method(sub, metric, methods) for metric in metrics}
+    best = {metric: None if descriptive(metric) else best_method(sub, metric, methods) for metric in metrics}
     for method in methods:
         cells = []
         for metric in metrics:

@@ -83,6 +83,10 @@ class FinetuneConfig:
     the recipe too: unit variance per embedding dimension). None: the task's recipe."""
     class_weighting: bool = True
     """Annotation: weight classes by inverse frequency, for imbalance."""
+    calibrate: bool = True
+    """Annotation with the closed-form readout (the recipe): soften the classifier's probabilities by the
+    temperature (>= 1) fitted on out-of-fold predictions, folds = batches of ``batch_key`` when given, so that a
+    confidence of 0.9 means about 90% correct on a new batch. Labels are unchanged."""
     unknown_threshold: float | None = None
     """Annotation: call "unknown" below this confidence (None: never)."""
     mask_ratio: float = 0.4

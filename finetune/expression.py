@@ -15,6 +15,8 @@ import logging
 import anndata as ad
 import numpy as np
 import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression, RidgeCV
 
@@ -127,10 +129,9 @@ def readout_inputs(model, readout: LinearReadout, cells, tokenizer: CellTokenize
     return readout_features(readout, embedding, expr)
 
 
-@torch.no_grad()
-def fit_logistic_readout(readout: LinearReadout, z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> None:
-    """L2 logistic regression (C=1, the logreg baseline's estimator) on ``z``; classes absent from ``y`` get
-    weight 0 and a very low bias, so they are never predicted."""
+def logistic_weights(z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (n_classes, features), bias (n_classes,)) of L2 logistic regression (C=1, the logreg baseline's
+    estimator) on ``z``; classes absent from ``y`` get weight 0 and a very low bias, so they are never predicted."""
     present = np.unique(y)
     weight = np.zeros((n_classes, z.shape[1]))
     bias = np.full(n_classes, -30.0)
@@ -142,7 +143,60 @@ def fit_logistic_readout(readout: LinearReadout, z: np.ndarray, y: np.ndarray, n
             weight[present[1]], bias[present] = model.coef_[0], (0.0, model.intercept_[0])
         else:
             weight[present], bias[present] = model.coef_, model.intercept_
-    _set_linear(readout.out, weight, bias)
+    return weight, bias
+
+
+@torch.no_grad()
+def fit_logistic_readout(readout: LinearReadout, z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0,
+                         temperature: float = 1.0) -> None:
+    """Set ``readout`` to :func:`logistic_weights` on ``z``, its logits divided by ``temperature`` (the argmax,
+    so every label, is unchanged; only the confidences soften)."""
+    weight, bias = logistic_weights(z, y, n_classes, seed)
+    _set_linear(readout.out, weight / temperature, bias / temperature)
+
+
+def calibration_folds(y: np.ndarray, groups: np.ndarray | None, seed: int = 0, n_folds: int = 5) -> list[np.ndarray]:
+    """Boolean masks of held-out cells: one per batch in ``groups`` when there are at least two, else seeded
+    stratified folds (a class with fewer cells than folds lands in some folds only)."""
+    if groups is not None and len(np.unique(groups)) >= 2:
+        return [groups == g for g in np.unique(groups)]
+    n_folds = max(2, min(n_folds, len(y)))
+    order = np.random.default_rng([seed, 23]).permutation(len(y))
+    fold = np.empty(len(y), dtype=np.int64)
+    for cls in np.unique(y):  # deal each class's cells round-robin over the folds
+        members = order[y[order] == cls]
+        fold[members] = np.arange(len(members)) % n_folds
+    return [fold == f for f in range(n_folds)]
+
+
+def out_of_fold_temperature(z: np.ndarray, y: np.ndarray, n_classes: int, groups: np.ndarray | None = None,
+                            seed: int = 0) -> float:
+    """The softmax temperature (at least 1) that minimises the negative log-likelihood of out-of-fold logits
+    of :func:`logistic_weights` on ``z`` (Guo et al. 2017's temperature scaling, fitted across folds).
+
+    Folds are the batches in ``groups`` when there are two or more, so the temperature covers the shift a cell
+    from an unseen batch brings, which is what a mapped query is; otherwise :func:`calibration_folds`' random
+    folds. It never goes below 1: random folds within one batch see no shift and would sharpen confidences that
+    a new batch then makes overconfident. Held-out cells of a class the fold's training cells lack are left out
+    (their logit is the absent class's floor, which says nothing about the temperature).
+    """
+    logits, truth = [], []
+    for held in calibration_folds(y, groups, seed):
+        trained = ~held
+        if not trained.any():
+            continue
+        weight, bias = logistic_weights(z[trained], y[trained], n_classes, seed)
+        seen = held & np.isin(y, np.unique(y[trained]))
+        logits.append(z[seen] @ weight.T + bias)  # (held-out cells, classes)
+        truth.append(y[seen])
+    if not logits or sum(len(t) for t in truth) == 0:
+        return 1.0
+    logits, truth = np.vstack(logits), np.concatenate(truth)
+
+    def nll(log_temperature: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_temperature), axis=1)[np.arange(len(truth)), truth].mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(0.0, np.log(100.0)), method="bounded").x))
 
 
 @torch.no_grad()

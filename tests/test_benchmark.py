@@ -181,6 +181,9 @@ def test_collected_report_summarises_each_goal_with_its_headline_metric(collect)
     assert "| annotation | b | accuracy | 0.7000 | yes | **no** | 0.6000 | logreg 0.9500 | - | - | - |" in lines
     assert any(line.startswith("| annotation | c | | not assessed: no gene names") for line in lines)
     assert "| integration | a | total | 0.9000 | yes | yes | 0.5000 | pca 0.8000 | - | - | - |" in lines
+    assert "beats atlasformer_scratch on 2" in collect.goal_sentence(metas, counts)
+    mapping = collect.goal_sentence([{"task": "mapping", "dataset": "a"}], counts)
+    assert "scratch" not in mapping and "lowest ECE. Met on 1 of 2 datasets" in mapping
 
 
 def test_collect_replaces_a_rerun_method_in_place(collect, tmp_path):
@@ -241,3 +244,5 @@ def test_mapping_a_query_file_reports_its_composition(kang_small, tmp_path):
     fractions = [r["value"] for r in rows if r["method"] == "logreg" and r["metric"].startswith("fraction_")]
     assert sum(fractions) == pytest.approx(1.0) and len(fractions) >= 3
     assert any(r["metric"] == "unknown_fraction" for r in rows)
+    method_rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith(("| logreg", "| pca_knn"))]
+    assert len(method_rows) == 2 and not any("**" in line for line in method_rows)  # a composition has no "best"

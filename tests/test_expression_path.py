@@ -10,13 +10,17 @@ from sklearn.linear_model import LogisticRegression, RidgeCV
 from atlasformer.finetune import Annotator, FinetuneConfig, Imputer, Integrator, ModalityPredictor
 from atlasformer.finetune.baselines import RIDGE_ALPHAS, log_normalize
 from atlasformer.finetune.expression import (
+    calibration_folds,
     expression_inputs,
     fit_logistic_readout,
     fit_per_feature_logistic_readout,
     fit_ridge_readout,
+    logistic_weights,
+    out_of_fold_temperature,
     readout_features,
     standardise_embedding,
 )
+from atlasformer.finetune.metrics import expected_calibration_error
 from atlasformer.model_zoo.task_heads import ExpressionPath, LinearReadout
 from atlasformer.tokenization import CellTokenizer, TokenizerConfig, build_vocab, simulate_counts
 from atlasformer.tokenization.simulate import simulate_proteins
@@ -160,3 +164,62 @@ def test_frozen_embeddings_are_computed_once_per_cell_and_backbone(monkeypatch):
         backbone.embeddings.genes.weight.add_(1.0)  # other weights: computed again
     common.frozen_embeddings(backbone, cells, tokenizer)
     assert calls == [50, 50]
+
+
+def shifted_batches(n_batches, n_per_batch=100, n_features=200, seed=0):
+    """Two overlapping classes told apart by 5 of many features (so a fitted logistic regression is
+    overconfident on new cells); every batch shifts all features by its own offset (a batch effect)."""
+    rng = np.random.default_rng(seed)
+    x, y, batch = [], [], []
+    for b in range(n_batches):
+        labels = rng.integers(0, 2, n_per_batch)
+        means = np.where(labels[:, None] == 1, 0.6, -0.6) * (np.arange(n_features) < 5)
+        x.append(means + rng.normal(size=(n_per_batch, n_features)) + rng.normal(scale=0.3, size=n_features))
+        y.append(labels)
+        batch.append(np.full(n_per_batch, b))
+    return np.vstack(x), np.concatenate(y), np.concatenate(batch)
+
+
+def test_out_of_fold_temperature_softens_confidence_on_a_new_batch():
+    x, y, batch = shifted_batches(6)
+    raw, calibrated = [], []
+    for held_out in range(6):  # each batch in turn is the query, the others the reference
+        reference, query = batch != held_out, batch == held_out
+        temperature = out_of_fold_temperature(x[reference], y[reference], 2, groups=batch[reference])
+        assert temperature > 1.5  # the held-out batches show the readout is overconfident, so it is softened
+        weight, bias = logistic_weights(x[reference], y[reference], 2)
+        logits = x[query] @ weight.T + bias  # (query cells, 2)
+        correct = logits.argmax(1) == y[query]
+        for scores, t in ((raw, 1.0), (calibrated, temperature)):
+            probabilities = torch.softmax(torch.as_tensor(logits / t), -1).numpy()
+            scores.append(expected_calibration_error(probabilities.max(1), correct))
+    assert np.mean(calibrated) < 0.8 * np.mean(raw)
+    # without batches the folds are random; the temperature never sharpens below 1
+    assert out_of_fold_temperature(x[batch == 0], y[batch == 0], 2) >= 1.0
+
+
+def test_calibration_folds_are_batches_or_stratified_random_folds():
+    y = np.array([0] * 12 + [1] * 8)
+    groups = np.array(["a"] * 5 + ["b"] * 15)
+    by_batch = calibration_folds(y, groups)
+    assert [m.sum() for m in by_batch] == [5, 15]
+    random = calibration_folds(y, None, n_folds=4)
+    assert np.array_equal(np.sum(random, 0), np.ones(20))  # every cell held out exactly once
+    assert all(set(y[m]) == {0, 1} for m in random)  # each class spread over every fold
+    assert calibration_folds(y, np.array(["a"] * 20))[0].sum() < 20  # one batch: random folds instead
+
+
+def test_annotation_calibration_keeps_labels_and_records_its_temperature():
+    adata = simulate_counts(n_cells=300, n_genes=200, n_cell_types=4, n_batches=2, seed=3)
+    tasks = {}
+    for calibrate in (True, False):
+        tasks[calibrate] = Annotator(None, scratch(expression_genes=100, calibrate=calibrate), labels_key="cell_type",
+                                     batch_key="batch")
+        tasks[calibrate].fit(adata)
+    calibrated, raw = tasks[True].predict(adata), tasks[False].predict(adata)
+    temperature = tasks[True].validation["temperature"]
+    assert temperature >= 1.0 and tasks[False].validation["temperature"] == 1.0
+    np.testing.assert_array_equal(calibrated["label"], raw["label"])
+    assert (calibrated["confidence"] <= raw["confidence"] + 1e-6).all()
+    if temperature > 1.0 + 1e-3:
+        assert (calibrated["confidence"] < raw["confidence"]).any()
