@@ -30,6 +30,9 @@ class PretrainConfig:
     """obs column whose values become condition tokens (off when None)."""
     vocab_min_cells: int = 1
     """h5ad inputs: the vocabulary keeps genes counted in at least this many cells (an unseen gene's embedding is never trained)."""
+    vocab_min_token_cells: int = 0
+    """h5ad inputs: then keep only genes that are a token (among the ``tokenizer.max_seq_len`` genes kept per cell)
+    in at least this many cells; 0 keeps every counted gene. A gene never kept for any cell never trains its row."""
     condition_keys: tuple[str, ...] = ()
     """Further obs columns whose values become condition tokens (technology, species, modality, ...)."""
     init_from: str | None = None

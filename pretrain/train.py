@@ -34,6 +34,7 @@ from atlasformer.tokenization import (
     is_corpus,
     open_inputs,
     tokenize_anndata,
+    vocab_of_tokens,
 )
 from atlasformer.tokenization.console import log_once, progress_bar
 from atlasformer.tokenization.outputs import (
@@ -125,7 +126,12 @@ def make_tokenizer(cfg: PretrainConfig, inputs) -> CellTokenizer:
                         gene_table=cfg.tokenizer.gene_table, min_cells=cfg.vocab_min_cells, layer=cfg.layer)
     if cfg.tokenizer.kind == "rank":
         raise InputError("rank-value pretraining needs gene medians: build a corpus with `atlasformer tokenize` first.")
-    return CellTokenizer(vocab, cfg.tokenizer)
+    tokenizer = CellTokenizer(vocab, cfg.tokenizer)
+    if cfg.vocab_min_token_cells > 0:
+        vocab = vocab_of_tokens([a for _, a in inputs], tokenizer, min_cells=cfg.vocab_min_token_cells,
+                                gene_key=cfg.gene_key, layer=cfg.layer, sources=[s for s, _ in inputs])
+        tokenizer = CellTokenizer(vocab, cfg.tokenizer)
+    return tokenizer
 
 
 def load_cells(cfg: PretrainConfig, tokenizer: CellTokenizer, inputs, log) -> tuple[TokenizedCells, np.ndarray, list[str]]:

@@ -198,3 +198,28 @@ def test_vocabulary_keeps_genes_seen_in_enough_cells():
     assert genes(build_vocab([adata], gene_id_mode="raw")) == ["A1", "A2", "A3", "A4"]
     assert genes(build_vocab([adata], gene_id_mode="raw", min_cells=1)) == ["A1", "A2", "A3"]
     assert genes(build_vocab([adata, adata], gene_id_mode="raw", min_cells=5)) == ["A1", "A2"]  # counted over files
+
+
+def test_vocabulary_of_tokens_keeps_genes_that_are_ever_a_token():
+    """Genes expressed but never among a cell's kept (most expressed) genes never train; the cut drops them and
+    changes no cell's tokens."""
+    from atlasformer.tokenization import CellTokenizer, TokenizerConfig, tokenize_anndata, vocab_of_tokens
+
+    x = np.zeros((6, 5), dtype=np.float32)
+    x[:, 0] = 9  # always the top gene
+    x[:, 1] = 1  # expressed everywhere, never kept (max_seq_len 2)
+    x[:4, 2] = 5  # kept in 4 cells
+    x[4:, 3] = 5  # kept in 2 cells; gene 4 never expressed
+    adata = ad.AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=["A1", "A2", "A3", "A4", "A5"]))
+    config = TokenizerConfig(gene_id_mode="raw", max_seq_len=2)
+    tokenizer = CellTokenizer(build_vocab([adata], gene_id_mode="raw", min_cells=1), config)
+    assert vocab_of_tokens([adata], tokenizer).genes == ["A1", "A3", "A4"]
+    assert vocab_of_tokens([adata], tokenizer, min_cells=3).genes == ["A1", "A3"]
+    cut = CellTokenizer(vocab_of_tokens([adata], tokenizer), config)
+    assert cut.vocab.specials == tokenizer.vocab.specials
+
+    def token_genes(tok):
+        cells = tokenize_anndata(adata, tok).cells
+        return [sorted(tok.vocab.id_to_token[i] for i in cells.cell(c)[0]) for c in range(len(cells))]
+
+    assert token_genes(cut) == token_genes(tokenizer)

@@ -55,3 +55,16 @@ def test_pretraining_vocabulary_follows_gene_id_mode(mode, sim_adata):
     # resolving strips version suffixes and maps symbols to Ensembl IDs; raw keeps the names as given
     assert ("ENSG00000000001.3" in vocab) == (mode == "raw")
     assert ("TP53" in vocab) == (mode == "raw")
+
+
+def test_pretraining_vocabulary_can_keep_only_genes_that_are_tokens(sim_adata):
+    from atlasformer.pretrain.train import make_tokenizer
+
+    def vocab(**kw):
+        cfg = PretrainConfig(data=("unused.h5ad",), output="unused", **kw,
+                             tokenizer=TokenizerConfig(gene_id_mode="raw", max_seq_len=16))
+        return make_tokenizer(cfg, [("mem.h5ad", sim_adata)]).vocab
+
+    every, tokens = vocab(vocab_min_cells=1), vocab(vocab_min_cells=1, vocab_min_token_cells=1)
+    assert set(tokens.genes) < set(every.genes)  # 16 genes per cell leave some expressed genes out
+    assert len(tokens.genes) > 16

@@ -14,6 +14,7 @@ from .data import (
     open_inputs,
     resolve_genes,
     tokenize_anndata,
+    vocab_of_tokens,
 )
 from .gene_ids import GeneIdReport, GeneResolution, load_gene_table, resolve_gene_ids
 from .medians import gene_nonzero_medians
@@ -59,4 +60,5 @@ __all__ = [
     "simulate_proteins",
     "simulate_trajectory",
     "tokenize_anndata",
+    "vocab_of_tokens",
 ]

@@ -106,6 +106,32 @@ def build_vocab(
     return GeneVocab.from_gene_lists([[k for k, n in cells_per_key.items() if n >= min_cells]], specials=specials)
 
 
+def vocab_of_tokens(
+    datas: list[ad.AnnData],
+    tokenizer: CellTokenizer,
+    *,
+    min_cells: int = 1,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    sources: list[str] | None = None,
+) -> GeneVocab:
+    """``tokenizer``'s vocabulary cut to the genes that are a token (one of the genes it keeps for a cell: its
+    ``max_seq_len`` most expressed) in at least ``min_cells`` cells of ``datas``; the specials stay.
+
+    A gene expressed in many cells but never among a cell's kept genes never enters the model, so pretraining
+    never trains its embedding row; the cut keeps only rows that pretraining trains. With ``min_cells=1`` no
+    cell's tokens change, since a dropped gene was never kept for any cell.
+    """
+    sources = sources or [f"data[{i}]" for i in range(len(datas))]
+    cells_as_token = np.zeros(len(tokenizer.vocab), dtype=np.int64)  # (vocabulary,)
+    for adata, source in zip(datas, sources):
+        cells = tokenize_anndata(adata, tokenizer, layer=layer, gene_key=gene_key, source=source).cells
+        cells_as_token += np.bincount(cells.gene_ids, minlength=len(cells_as_token))  # a gene once per cell
+    vocab = tokenizer.vocab
+    kept = [gene for gene in vocab.genes if cells_as_token[vocab.token_to_id[gene]] >= min_cells]
+    return GeneVocab(kept, specials=vocab.specials)
+
+
 @dataclass
 class TokenizedData:
     """Tokenized cells of one input together with their obs rows."""
