@@ -51,5 +51,6 @@ done
 while (( running > 0 )); do wait -n || failed=1; running=$((running - 1)); done
 [[ $failed == 0 ]] || echo "some runs failed; the report covers the others"
 "$PY" benchmarks/collect_results.py $(ls -d "$RUNS"/*/) --checkpoint "$MODEL" --output benchmarks/results/mapping \
+    --title "atlasformer mapping benchmark" \
     --budgets "model ${MODEL}; mapping at the defaults (no override); ${BUDGETS[*]}; seeds ${SEEDS}" \
     --conditions "${JOBS} benchmark runs went side by side on the machine's cores, ${THREADS} torch thread(s) each."

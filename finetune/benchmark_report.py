@@ -121,9 +121,10 @@ def task_section(task: str, dataset: str, table: pd.DataFrame, meta: dict, plot:
     if meta.get("modality"):
         facts.append(f"modality {meta['modality']}")
     ranked = [m + (" (lower is better)" if m in LOWER_IS_BETTER else "") for m in metrics if not descriptive(m)]
-    lines += [", ".join(facts) + ". Mean +- std over seeds; best in bold (" + ", ".join(ranked) + ")"
-              + ("; the unknown fraction and composition describe, none is best" if len(ranked) < len(metrics) else "")
-              + ".", ""]
+    notes = [f"best in bold ({', '.join(ranked)})"] if ranked else []
+    if len(ranked) < len(metrics):
+        notes.append("the unknown fraction and composition describe, none is best")
+    lines += [", ".join(facts) + ". Mean +- std over seeds; " + "; ".join(notes) + ".", ""]
     header = "| method | " + " | ".join(metrics) + " | wall time (s, all seeds) |"
     lines += [header, "|" + "---|" * (len(metrics) + 2)]
     best = {metric: None if descriptive(metric) else best_method(sub, metric, methods) for metric in metrics}
