@@ -110,6 +110,10 @@ def free_job_port() -> int:
     raise RuntimeError("no free port in 20000..39999")
 
 
+EACH_NODE = "<node rank>"
+"""A launcher environment value replaced by each node command's own rank (0, 1, ...)."""
+
+
 def launcher(kind: str, tmp_path: Path) -> tuple[list[str], dict, int]:
     """(command prefix, environment, node commands to start) for each documented launch."""
     port = str(free_port())
@@ -119,10 +123,10 @@ def launcher(kind: str, tmp_path: Path) -> tuple[list[str], dict, int]:
                  "ACCELERATE": f"{sys.executable} -m accelerate.commands.launch"}, 1)
     if kind == "torchrun":
         return ["bash", str(SCRIPTS / "launch_torchrun.sh")], {"NPROC_PER_NODE": "2", "TORCHRUN": TORCH_RUN}, 1
-    if kind == "torchrun_2nodes":
+    if kind == "torchrun_2nodes":  # a static rendezvous: each node command gets its NODE_RANK
         return (["bash", str(SCRIPTS / "launch_torchrun.sh")],
                 {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                 "RDZV_ID": f"test-{port}", "TORCHRUN": TORCH_RUN}, 2)
+                 "NODE_RANK": EACH_NODE, "TORCHRUN": TORCH_RUN}, 2)
     # SLURM: two nodes of one process each, on a job id whose derived port is free
     bin_dir = slurm_bin(tmp_path)
     return (["bash", str(SCRIPTS / "slurm_pretrain.sbatch")],
@@ -144,8 +148,9 @@ def pretrain(launch: tuple[list[str], dict, int], data: Path, output: Path, *ove
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "GPUS_PER_NODE")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **launcher_env)
     # one command per node (each node's torchrun agent joins the same rendezvous)
-    procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(nodes)]
+    procs = [subprocess.Popen(command, cwd=REPO, env={k: str(node) if v == EACH_NODE else v for k, v in env.items()},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in range(nodes)]
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"{' '.join(command)}\n{stdout[-3000:]}\n{stderr[-6000:]}"
