@@ -155,11 +155,18 @@ def fit_logistic_readout(readout: LinearReadout, z: np.ndarray, y: np.ndarray, n
     _set_linear(readout.out, weight / temperature, bias / temperature)
 
 
+MAX_BATCH_FOLDS = 10
+"""Batches beyond this many share folds (whole batches each), so an atlas of 100 donors costs 10 fits, not 100."""
+
+
 def calibration_folds(y: np.ndarray, groups: np.ndarray | None, seed: int = 0, n_folds: int = 5) -> list[np.ndarray]:
-    """Boolean masks of held-out cells: one per batch in ``groups`` when there are at least two, else seeded
-    stratified folds (a class with fewer cells than folds lands in some folds only)."""
+    """Boolean masks of held-out cells: one per batch in ``groups`` when there are at least two (whole batches
+    dealt over :data:`MAX_BATCH_FOLDS` folds when there are more), else seeded stratified folds (a class with
+    fewer cells than folds lands in some folds only)."""
     if groups is not None and len(np.unique(groups)) >= 2:
-        return [groups == g for g in np.unique(groups)]
+        batches, batch_of_cell = np.unique(groups, return_inverse=True)
+        fold_of_batch = np.random.default_rng([seed, 29]).permutation(len(batches)) % MAX_BATCH_FOLDS
+        return [fold_of_batch[batch_of_cell] == f for f in np.unique(fold_of_batch)]
     n_folds = max(2, min(n_folds, len(y)))
     order = np.random.default_rng([seed, 23]).permutation(len(y))
     fold = np.empty(len(y), dtype=np.int64)

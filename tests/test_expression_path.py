@@ -202,11 +202,15 @@ def test_calibration_folds_are_batches_or_stratified_random_folds():
     y = np.array([0] * 12 + [1] * 8)
     groups = np.array(["a"] * 5 + ["b"] * 15)
     by_batch = calibration_folds(y, groups)
-    assert [m.sum() for m in by_batch] == [5, 15]
+    assert sorted(m.sum() for m in by_batch) == [5, 15]
     random = calibration_folds(y, None, n_folds=4)
     assert np.array_equal(np.sum(random, 0), np.ones(20))  # every cell held out exactly once
     assert all(set(y[m]) == {0, 1} for m in random)  # each class spread over every fold
     assert calibration_folds(y, np.array(["a"] * 20))[0].sum() < 20  # one batch: random folds instead
+    many = np.repeat(np.arange(25), 4)  # 25 batches of 4 cells: 10 folds of whole batches
+    folds = calibration_folds(np.zeros(100, int), many)
+    assert len(folds) == 10 and np.array_equal(np.sum(folds, 0), np.ones(100))
+    assert all(len(np.unique(many[m])) * 4 == m.sum() for m in folds)
 
 
 def test_annotation_calibration_keeps_labels_and_records_its_temperature():
