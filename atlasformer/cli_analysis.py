@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from atlasformer.config import ConfigError
+from atlasformer.tokenization.corpus_format import write_json_atomic
 
 SHIPPED_MODEL = "atlasformer-public-small"
 
@@ -41,13 +42,6 @@ def _prepared(args, writes: list, reads: list, command: str) -> Path:
                            command=command)
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
 def _write_csv_atomic(frame, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     frame.to_csv(tmp, index=False)
@@ -72,7 +66,7 @@ def cmd_map(args) -> int:
     print(f"wrote {write_h5ad_atomic(mapped, annotated_path(args.query, output))}")
     summary = {k: (v.item() if hasattr(v, "item") else v) for k, v in mapped.uns["atlasformer_mapping"].items()}
     summary["label_counts"] = mapped.obs["atlasformer_label"].value_counts().astype(int).to_dict()
-    _write_text_atomic(output / "mapping.json", json.dumps(summary, indent=1, default=str))
+    write_json_atomic(output / "mapping.json", summary)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -344,7 +338,7 @@ def _annotate_cells(args, command: str, run) -> int:
         adata.X = None
         adata.layers.clear()  # the results are in obs / obsm / obsp / uns; counts stay in the input
     print(f"wrote {write_h5ad_atomic(adata, annotated_path(args.data, output))}")
-    _write_text_atomic(output / f"{command}.json", json.dumps(summary, indent=1, default=str))
+    write_json_atomic(output / f"{command}.json", summary)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 

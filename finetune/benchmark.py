@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from atlasformer.checkpoints import CheckpointError
 from atlasformer.tokenization import InputError, check_counts, input_stem, read_h5ad
 from atlasformer.tokenization.anndata_io import check_obs_key, count_matrix, to_csr
+from atlasformer.tokenization.corpus_format import write_json_atomic
 
 from . import baselines
 from . import benchmark_mapping as mapping
@@ -431,7 +432,7 @@ def run_benchmark(task: str, data, *, output, paired=None, modality=None, labels
         results = RUNNERS[task](inp, active, int(seed), cfg, clock)
         results = {k: v for k, v in results.items() if k not in inp.failed}
         rows += result_rows(task, inp.dataset, int(seed), results)
-        _write_json(output / "results.json", rows)
+        write_json_atomic(output / "results.json", rows, default=float)
     skipped.update(inp.failed)
     chosen = [x for x in chosen if x not in inp.failed]
     timings = {k: round(v, 2) for k, v in clock.seconds.items()}
@@ -439,19 +440,13 @@ def run_benchmark(task: str, data, *, output, paired=None, modality=None, labels
             "methods": chosen, "skipped": skipped, "timings_s": timings, "command": command,
             "n_cells": int(inp.adata.n_obs), "n_genes": int(inp.adata.n_vars),
             "scib_disabled": inp.cache.get("scib_disabled", []), "config": _plain(cfg)}
-    _write_json(output / "timings.json", meta)
+    write_json_atomic(output / "timings.json", meta, default=float)
     report = write_report(rows, [meta], output / "report.md", plots_dir=output)
     return {"rows": rows, "timings": timings, "skipped": skipped, "report": str(report)}
 
 
 def _plain(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    tmp.replace(path)
 
 
 __all__ = ["LOWER_IS_BETTER", "TASKS", "TASK_METHODS", "BenchmarkConfig", "baselines", "run_benchmark"]

@@ -5,13 +5,13 @@ repeats this."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from atlasformer.checkpoints import refuse_foreign_model_folder
 from atlasformer.tokenization import input_stem, read_h5ad
+from atlasformer.tokenization.corpus_format import write_json_atomic
 from atlasformer.tokenization.outputs import (
     prepare_output_folder,
     refuse_name_clashes,
@@ -92,7 +92,7 @@ def write_fitted(task: Task, adata, output: Path, summary: dict, *, run_config: 
     task.write_outputs(adata, target, source=source)
     write_h5ad_atomic(target, summary["output"])
     summary = {**summary, "plots": [str(p) for p in task.plots(output)]}
-    (output / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_json_atomic(output / "metrics.json", summary, default=float)
     return summary
 
 

@@ -39,11 +39,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file, flush it to disk and rename it over ``path``."""
+def write_json_atomic(path: Path, data, *, default=str) -> None:
+    """Write JSON to a temporary file, flush it to disk and rename it over ``path``, so a reader never sees half a
+    file; ``default`` converts what JSON cannot hold (``float`` for numpy numbers, ``str`` for paths)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
+        json.dump(data, fh, indent=1, default=default)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
