@@ -20,6 +20,18 @@ import scipy.sparse as sp
 from .anndata_io import InputError
 
 
+def negative_binomial_counts(logits: np.ndarray, mean_library: float, theta: float,
+                             rng: np.random.Generator) -> np.ndarray:
+    """(cells, genes) float32 counts: each cell's gene shares are the softmax of its ``logits``, its library size
+    ``LogNormal(log(mean_library), 0.3)``, and each count negative binomial with that mean and shape ``theta``
+    (drawn as a Gamma-Poisson mixture)."""
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    library = rng.lognormal(np.log(mean_library), 0.3, size=len(logits))
+    mean = library[:, None] * probs
+    return rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32)
+
+
 def simulate_counts(
     n_cells: int = 2000,
     n_genes: int = 600,
@@ -49,12 +61,7 @@ def simulate_counts(
     types = rng.integers(0, n_cell_types, size=n_cells)
     batches = rng.integers(0, n_batches, size=n_cells)
     logits = base[None] + type_effect[types] + batch_effect[batches]  # (cells, genes)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    library = rng.lognormal(np.log(mean_library), 0.3, size=n_cells)
-    mean = library[:, None] * probs
-    # NB as a Gamma-Poisson mixture with shape theta
-    counts = rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32)
+    counts = negative_binomial_counts(logits, mean_library, theta, rng)
     adata = ad.AnnData(
         X=sp.csr_matrix(counts),
         obs=pd.DataFrame(
@@ -174,11 +181,7 @@ def simulate_trajectory(
     active = (program_of_gene[None] == -1) | (program_of_gene[None] == branch[:, None])  # (cells, genes)
     gate = np.where(program_of_gene[None] == -1, 1.0, ramp[:, None])
     logits = base[None] + np.where(active, effect * gate, 0.0)  # (cells, genes)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    library = rng.lognormal(np.log(mean_library), 0.3, size=n_cells)
-    mean = library[:, None] * probs
-    counts = rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32)  # NB as a Gamma-Poisson mixture
+    counts = negative_binomial_counts(logits, mean_library, theta, rng)
     branch_names = ["trunk", *(f"branch_{k}" for k in range(n_branches))]
     program_names = np.array(["none", "shared", *(f"branch_{k}" for k in range(n_branches))])
     return ad.AnnData(
