@@ -213,8 +213,10 @@ def test_calibration_folds_are_batches_or_stratified_random_folds():
     assert all(len(np.unique(many[m])) * 4 == m.sum() for m in folds)
 
 
-def test_annotation_calibration_keeps_labels_and_records_its_temperature():
-    adata = simulate_counts(n_cells=300, n_genes=200, n_cell_types=4, n_batches=2, seed=3)
+def test_annotation_calibration_keeps_labels_and_records_its_temperature(tmp_path):
+    # weak markers under strong batch effects: a readout fitted on two batches is overconfident on the third
+    adata = simulate_counts(n_cells=300, n_genes=200, n_cell_types=4, n_batches=3, batch_sd=1.5, marker_lfc=1.0,
+                            seed=3)
     tasks = {}
     for calibrate in (True, False):
         tasks[calibrate] = Annotator(None, scratch(expression_genes=100, calibrate=calibrate), labels_key="cell_type",
@@ -222,8 +224,10 @@ def test_annotation_calibration_keeps_labels_and_records_its_temperature():
         tasks[calibrate].fit(adata)
     calibrated, raw = tasks[True].predict(adata), tasks[False].predict(adata)
     temperature = tasks[True].validation["temperature"]
-    assert temperature >= 1.0 and tasks[False].validation["temperature"] == 1.0
+    assert temperature > 1.5 and tasks[False].validation["temperature"] == 1.0
     np.testing.assert_array_equal(calibrated["label"], raw["label"])
     assert (calibrated["confidence"] <= raw["confidence"] + 1e-6).all()
-    if temperature > 1.0 + 1e-3:
-        assert (calibrated["confidence"] < raw["confidence"]).any()
+    assert (calibrated["confidence"] < raw["confidence"] - 0.01).mean() > 0.1
+    tasks[True].save(tmp_path / "model")  # the temperature is in the saved weights
+    np.testing.assert_allclose(Annotator.load(tmp_path / "model").predict(adata)["confidence"], calibrated["confidence"],
+                               atol=1e-5)
