@@ -124,6 +124,29 @@ def model_batch(cells: TokenizedCells, rows: np.ndarray, tokenizer: CellTokenize
     return batch
 
 
+RANDOM_FOLDS = 5
+"""Folds of cross-fitting without batches."""
+MAX_BATCH_FOLDS = 10
+"""Batches beyond this many share folds (whole batches each), so an atlas of 100 donors costs 10 fits, not 100."""
+
+
+def cross_fitting_folds(batches: np.ndarray | None, n_cells: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """(fold of each cell (n_cells,), how the folds were made) for calibrating on out-of-fold predictions: the
+    cell's batch when ``batches`` holds at least 2 (a held-out batch is what a query from a new donor looks like;
+    beyond :data:`MAX_BATCH_FOLDS` batches, whole batches are dealt over that many folds), else one of
+    :data:`RANDOM_FOLDS` seeded random folds."""
+    if batches is not None:
+        codes, names = pd.factorize(pd.Series(np.asarray(batches)).astype(str))
+        if len(names) > MAX_BATCH_FOLDS:
+            codes = np.random.default_rng([seed, 29]).permutation(len(names))[codes] % MAX_BATCH_FOLDS
+            return codes, f"{len(names)} batches in {MAX_BATCH_FOLDS} folds"
+        if len(names) >= 2:
+            return codes, f"{len(names)} batches"
+    n_folds = min(RANDOM_FOLDS, n_cells)
+    folds = np.random.default_rng([seed, 0x4D4150]).permutation(np.arange(n_cells) % n_folds)  # "MAP"
+    return folds, f"{n_folds} random folds"
+
+
 def split_cells(obs: pd.DataFrame, cfg: FinetuneConfig, batch_key: str | None, usable: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation positions: the cells of ``cfg.val_batch``, or a seeded random fraction.

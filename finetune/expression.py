@@ -24,7 +24,7 @@ from atlasformer.model_zoo.task_heads import EmbeddingStandardiser, ExpressionPa
 from atlasformer.tokenization import CellTokenizer, InputError
 
 from .baselines import RIDGE_ALPHAS, log_normalize, select_hvgs
-from .common import frozen_embeddings, model_gene_keys, read_counts
+from .common import cross_fitting_folds, frozen_embeddings, model_gene_keys, read_counts
 
 logger = logging.getLogger(__name__)
 
@@ -155,40 +155,21 @@ def fit_logistic_readout(readout: LinearReadout, z: np.ndarray, y: np.ndarray, n
     _set_linear(readout.out, weight / temperature, bias / temperature)
 
 
-MAX_BATCH_FOLDS = 10
-"""Batches beyond this many share folds (whole batches each), so an atlas of 100 donors costs 10 fits, not 100."""
-
-
-def calibration_folds(y: np.ndarray, groups: np.ndarray | None, seed: int = 0, n_folds: int = 5) -> list[np.ndarray]:
-    """Boolean masks of held-out cells: one per batch in ``groups`` when there are at least two (whole batches
-    dealt over :data:`MAX_BATCH_FOLDS` folds when there are more), else seeded stratified folds (a class with
-    fewer cells than folds lands in some folds only)."""
-    if groups is not None and len(np.unique(groups)) >= 2:
-        batches, batch_of_cell = np.unique(groups, return_inverse=True)
-        fold_of_batch = np.random.default_rng([seed, 29]).permutation(len(batches)) % MAX_BATCH_FOLDS
-        return [fold_of_batch[batch_of_cell] == f for f in np.unique(fold_of_batch)]
-    n_folds = max(2, min(n_folds, len(y)))
-    order = np.random.default_rng([seed, 23]).permutation(len(y))
-    fold = np.empty(len(y), dtype=np.int64)
-    for cls in np.unique(y):  # deal each class's cells round-robin over the folds
-        members = order[y[order] == cls]
-        fold[members] = np.arange(len(members)) % n_folds
-    return [fold == f for f in range(n_folds)]
-
-
 def out_of_fold_temperature(z: np.ndarray, y: np.ndarray, n_classes: int, groups: np.ndarray | None = None,
                             seed: int = 0) -> float:
     """The softmax temperature (at least 1) that minimises the negative log-likelihood of out-of-fold logits
     of :func:`logistic_weights` on ``z`` (Guo et al. 2017's temperature scaling, fitted across folds).
 
-    Folds are the batches in ``groups`` when there are two or more, so the temperature covers the shift a cell
-    from an unseen batch brings, which is what a mapped query is; otherwise :func:`calibration_folds`' random
-    folds. It never goes below 1: random folds within one batch see no shift and would sharpen confidences that
-    a new batch then makes overconfident. Held-out cells of a class the fold's training cells lack are left out
+    Folds are :func:`~atlasformer.finetune.common.cross_fitting_folds` over ``groups``: the batches when there
+    are two or more, so the temperature covers the shift a cell from an unseen batch brings, which is what a
+    mapped query is; otherwise seeded random folds. It never goes below 1: random folds within one batch see no
+    shift and would sharpen confidences that a new batch then makes overconfident. Held-out cells of a class the fold's training cells lack are left out
     (their logit is the absent class's floor, which says nothing about the temperature).
     """
     logits, truth = [], []
-    for held in calibration_folds(y, groups, seed):
+    folds, _ = cross_fitting_folds(groups, len(y), seed)
+    for fold in np.unique(folds):
+        held = folds == fold
         trained = ~held
         if not trained.any():
             continue

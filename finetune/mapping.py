@@ -45,9 +45,11 @@ from atlasformer.tokenization.anndata_io import check_obs_key
 from .annotation import UNKNOWN
 from .baselines import log_normalize, select_hvgs
 from .common import (
+    RANDOM_FOLDS,
     FinetunedTask,
     annotation_snapshot,
     changed_keys,
+    cross_fitting_folds,
     gene_report,
     iter_model_outputs,
     output_adata,
@@ -77,8 +79,6 @@ CONFIDENCE_THRESHOLD = 0.5
 """Calibrated confidence below which a query cell is called unknown: its vote is more likely wrong than right."""
 DISTANCE_QUANTILE = 0.99
 """Quantile of the reference's out-of-fold neighbour distances beyond which a query cell is called unknown."""
-RANDOM_FOLDS = 5
-"""Folds of the cross-fitted calibration when the reference has no batches to hold out."""
 MIN_SHARED_GENES = 200
 """Fewest genes reference and query must share for the expression representation."""
 N_HVGS, N_PCS = 2000, 50
@@ -110,18 +110,14 @@ def neighbour_votes(reference_rep: np.ndarray, reference_codes: np.ndarray, n_la
 
 
 def reference_folds(obs: pd.DataFrame, batch_key: str | None, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Fold of each reference cell for cross-fitting, and how the folds were made: its batch when ``batch_key``
-    names at least 2 batches (a held-out batch is what a query from a new donor looks like), else one of
-    :data:`RANDOM_FOLDS` seeded random folds."""
-    if batch_key is not None:
-        codes, batches = pd.factorize(obs[batch_key].astype(str))
-        if len(batches) >= 2:
-            return codes, f"batches in obs[{batch_key!r}] ({len(batches)})"
+    """Fold of each reference cell for cross-fitting, and how the folds were made (:func:`cross_fitting_folds`
+    over ``obs[batch_key]``); a warning when the column holds one batch."""
+    batches = None if batch_key is None else obs[batch_key].astype(str).to_numpy()
+    folds, kind = cross_fitting_folds(batches, len(obs), seed)
+    if batches is not None and "random" in kind:
         logger.warning(f"reference obs[{batch_key!r}] holds one batch: the calibration uses {RANDOM_FOLDS} random "
                        "folds, which do not show it how a new batch differs, so query confidences may be too high.")
-    n_folds = min(RANDOM_FOLDS, len(obs))
-    folds = np.random.default_rng([seed, 0x4D4150]).permutation(np.arange(len(obs)) % n_folds)  # "MAP"
-    return folds, f"{n_folds} random folds"
+    return folds, kind if batches is None or "random" in kind else f"{kind} in obs[{batch_key!r}]"
 
 
 def out_of_fold_votes(rep: np.ndarray, codes: np.ndarray, n_labels: int, folds: np.ndarray, n_neighbors: int

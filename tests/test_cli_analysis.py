@@ -72,7 +72,7 @@ def test_map_writes_the_labelled_query_its_figure_and_summary(files, tmp_path):
     assert mapped.obsm["X_umap"].shape == (mapped.n_obs, 2) and np.isfinite(mapped.obsm["X_umap"]).all()
     assert mapped.obsm["X_atlasformer"].shape[0] == mapped.n_obs
     summary = mapped.uns["atlasformer_mapping"]
-    assert summary["labels_key"] == "cell_type" and summary["folds"].startswith("batches")
+    assert summary["labels_key"] == "cell_type" and summary["folds"].endswith("batches in obs['batch']")
     assert mapped.uns["atlasformer"]["obs"]["atlasformer_label"]["model"] == str(files["model"])
     assert is_png(out / "mapping.png")
     written = json.loads((out / "mapping.json").read_text())

@@ -9,8 +9,8 @@ from sklearn.linear_model import LogisticRegression, RidgeCV
 
 from atlasformer.finetune import Annotator, FinetuneConfig, Imputer, Integrator, ModalityPredictor
 from atlasformer.finetune.baselines import RIDGE_ALPHAS, log_normalize
+from atlasformer.finetune.common import cross_fitting_folds
 from atlasformer.finetune.expression import (
-    calibration_folds,
     expression_inputs,
     fit_logistic_readout,
     fit_per_feature_logistic_readout,
@@ -198,19 +198,18 @@ def test_out_of_fold_temperature_softens_confidence_on_a_new_batch():
     assert out_of_fold_temperature(x[batch == 0], y[batch == 0], 2) >= 1.0
 
 
-def test_calibration_folds_are_batches_or_stratified_random_folds():
-    y = np.array([0] * 12 + [1] * 8)
-    groups = np.array(["a"] * 5 + ["b"] * 15)
-    by_batch = calibration_folds(y, groups)
-    assert sorted(m.sum() for m in by_batch) == [5, 15]
-    random = calibration_folds(y, None, n_folds=4)
-    assert np.array_equal(np.sum(random, 0), np.ones(20))  # every cell held out exactly once
-    assert all(set(y[m]) == {0, 1} for m in random)  # each class spread over every fold
-    assert calibration_folds(y, np.array(["a"] * 20))[0].sum() < 20  # one batch: random folds instead
+def test_cross_fitting_folds_are_batches_or_random_folds():
+    """One fold maker for every calibration (mapping's kNN, the annotation classifier's temperature)."""
+    by_batch, kind = cross_fitting_folds(np.array(["a"] * 5 + ["b"] * 15), 20)
+    assert sorted(np.bincount(by_batch)) == [5, 15] and kind == "2 batches"
+    random, kind = cross_fitting_folds(None, 20)
+    assert kind == "5 random folds" and list(np.bincount(random)) == [4] * 5
+    one_batch, kind = cross_fitting_folds(np.array(["a"] * 20), 20)  # one batch: random folds instead
+    assert kind == "5 random folds" and np.array_equal(one_batch, random)
     many = np.repeat(np.arange(25), 4)  # 25 batches of 4 cells: 10 folds of whole batches
-    folds = calibration_folds(np.zeros(100, int), many)
-    assert len(folds) == 10 and np.array_equal(np.sum(folds, 0), np.ones(100))
-    assert all(len(np.unique(many[m])) * 4 == m.sum() for m in folds)
+    folds, kind = cross_fitting_folds(many, 100)
+    assert kind == "25 batches in 10 folds" and len(np.unique(folds)) == 10
+    assert all(len(np.unique(folds[many == b])) == 1 for b in range(25))
 
 
 def test_annotation_calibration_keeps_labels_and_records_its_temperature(tmp_path):

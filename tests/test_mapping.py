@@ -68,7 +68,7 @@ def test_label_transfer_is_accurate_and_writes_its_keys(sim):
     assert ((uncertainty >= 0) & (uncertainty <= 1)).all()
     np.testing.assert_allclose(uncertainty, 1 - query.obs["atlasformer_confidence"].to_numpy(), atol=1e-6)
     mapping = query.uns["atlasformer_mapping"]
-    assert mapping["folds"] == "batches in obs['batch'] (2)"
+    assert mapping["folds"] == "2 batches in obs['batch']"
     assert mapping["n_unknown"] == int((query.obs["atlasformer_label"] == "unknown").sum()) < 0.05 * query.n_obs
 
 
