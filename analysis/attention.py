@@ -26,6 +26,7 @@ from atlasformer.finetune.common import (
 from atlasformer.finetune.config import FinetuneConfig
 from atlasformer.tokenization import CellTokenizer, InputError, TokenizedCells
 from atlasformer.tokenization.anndata_io import check_obs_key
+from atlasformer.tokenization.outputs import write_csv_atomic
 
 COLUMNS = ["group", "source_gene", "target_gene", "weight", "n_cells"]
 
@@ -105,7 +106,7 @@ def attention_network(adata: ad.AnnData, model, *, groupby: str, layer: int = -1
     result = result[order]
     result.attrs.update(layer=layer, heads=heads, cells_per_group=used)
     if write is not None:
-        result.to_csv(write, index=False)
+        write_csv_atomic(result, write)
     return result
 
 

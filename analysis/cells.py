@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import anndata as ad
@@ -23,7 +22,7 @@ import pandas as pd
 
 from atlasformer.finetune.common import read_counts
 from atlasformer.finetune.integration import highly_variable, log_normalised_pcs
-from atlasformer.finetune.plots import new_figure
+from atlasformer.finetune.plots import new_figure, save_figure
 from atlasformer.tokenization import InputError
 from atlasformer.tokenization.anndata_io import check_obs_key
 
@@ -364,7 +363,7 @@ def plot_clusters(adata: ad.AnnData, path: str | os.PathLike | None = None, *, k
     for ax, column in zip(fig.subplots(1, len(columns), squeeze=False)[0], columns):
         scatter(ax, xy, adata.obs[column])
         ax.set_title(f"{title}: {column}" if title else column, fontsize=9)
-    return save_png_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_trajectory(adata: ad.AnnData, path: str | os.PathLike | None = None, *, groups_key: str = "leiden",
@@ -419,7 +418,7 @@ def plot_trajectory(adata: ad.AnnData, path: str | os.PathLike | None = None, *,
     for ax, column in zip(axes[2:], color):
         scatter(ax, xy, adata.obs[column])
         ax.set_title(f"{prefix}{column}", fontsize=9)
-    return save_png_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def basis_coordinates(adata: ad.AnnData, basis: str) -> np.ndarray:
@@ -470,21 +469,3 @@ def draw_paga(ax: Axes, xy: np.ndarray, groups: pd.Series, connectivities, min_e
     ax.scatter(*centres.T, s=80, color="white", edgecolor="black", zorder=3)
     for name, (x, y) in zip(labels.categories, centres):
         ax.annotate(name, (x, y), fontsize=7, ha="center", va="center", zorder=4)
-
-
-def save_png_atomic(fig: Figure, path: str | os.PathLike | None, dpi: int = 100) -> Figure:
-    """Lay ``fig`` out and, given ``path``, write it as PNG to a temporary file beside it, then rename it into
-    place: a reader never sees a half-written figure. Returns ``fig``."""
-    fig.tight_layout()
-    if path is None:
-        return fig
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return fig

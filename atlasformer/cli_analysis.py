@@ -11,6 +11,7 @@ from pathlib import Path
 
 from atlasformer.config import ConfigError
 from atlasformer.tokenization.corpus_format import write_json_atomic
+from atlasformer.tokenization.outputs import write_csv_atomic
 
 SHIPPED_MODEL = "atlasformer-public-small"
 
@@ -40,13 +41,6 @@ def _prepared(args, writes: list, reads: list, command: str) -> Path:
 
     return prepare_outputs(args.output, writes, reads=tuple(str(r) for r in reads if r), overwrite=args.overwrite,
                            command=command)
-
-
-def _write_csv_atomic(frame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------- map
@@ -136,7 +130,7 @@ def cmd_index_search(args) -> int:
                           f"{index.embedding_key}.")
     adata = _embedded(args.data, args, model)
     table = search_index(index, adata, use_rep=args.use_rep, k=args.k)
-    path = _write_csv_atomic(table, output / f"{input_stem(args.data)}_neighbours.csv")
+    path = write_csv_atomic(table, output / f"{input_stem(args.data)}_neighbours.csv")
     print(f"wrote {path} ({adata.n_obs} query cells x {args.k} neighbours; model {model})")
     return 0
 
@@ -223,8 +217,8 @@ def cmd_genes_programs(args) -> int:
     table = programs.reset_index()
     for column in ("gene_ids", "symbols"):  # comma-joined, as enrichment.csv's members: no Python list reprs
         table[column] = table[column].map(lambda genes: ",".join(map(str, genes)))
-    _write_csv_atomic(table, output / "programs.csv")
-    _write_csv_atomic(enrichment.reset_index(), output / "enrichment.csv")
+    write_csv_atomic(table, output / "programs.csv")
+    write_csv_atomic(enrichment.reset_index(), output / "enrichment.csv")
     adata = read_h5ad(args.data, backed=False)
     target = output_adata(adata, False)
     columns = score_programs(adata, programs, layer=args.layer, gene_key=args.gene_key)
@@ -246,7 +240,7 @@ def cmd_genes_network(args) -> int:
     edges = attention_network(adata, _model(args), groupby=args.groupby, layer=args.attention_layer, heads=heads,
                               max_cells_per_group=args.max_cells_per_group, top_edges=args.top_edges,
                               gene_key=args.gene_key, counts_layer=args.layer, cpu=args.cpu)
-    path = _write_csv_atomic(edges, output / "attention_edges.csv")
+    path = write_csv_atomic(edges, output / "attention_edges.csv")
     print(f"wrote {path} ({len(edges)} edges over {edges['group'].nunique()} groups)")
     return 0
 
@@ -261,8 +255,8 @@ def cmd_genes_perturb(args) -> int:
     results = perturb_genes(adata, _model(args), genes, mode=args.mode, cells=args.cells, target=args.target,
                             gene_key=args.gene_key, counts_layer=args.layer, cpu=args.cpu)
     ranked = rank_genes_by_effect(results)
-    _write_csv_atomic(results, output / "perturbation_per_cell.csv")
-    _write_csv_atomic(ranked, output / "perturbation_ranked.csv")
+    write_csv_atomic(results, output / "perturbation_per_cell.csv")
+    write_csv_atomic(ranked, output / "perturbation_ranked.csv")
     print(ranked.head(20).to_string())
     print(f"{results.attrs.get('genes_x_cells_per_s', float('nan')):.1f} genes x cells per second; wrote "
           f"{output / 'perturbation_ranked.csv'} and {output / 'perturbation_per_cell.csv'}")

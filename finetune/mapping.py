@@ -658,10 +658,7 @@ def plot_mapping(reference: ad.AnnData, query: ad.AnnData, path: str | Path | No
         ax.set_yticks([])
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
-    save_figure(fig, None)  # lays the figure out; saved below, atomically
-    if path is not None:
-        _save_atomic(fig, Path(path))
-    return fig
+    return save_figure(fig, path)
 
 
 def label_colours(names: list[str]) -> dict:
@@ -696,15 +693,3 @@ def _scatter_by_label(ax, xy: np.ndarray, labels: np.ndarray, colours: dict) -> 
     for name in [*sorted(set(labels) - {UNKNOWN}), *([UNKNOWN] if UNKNOWN in set(labels) else [])]:
         rows = labels == name
         ax.scatter(xy[rows, 0], xy[rows, 1], s=3, color=colours[name], rasterized=True)
-
-
-def _save_atomic(fig: Figure, path: Path) -> None:
-    """Write ``fig`` as PNG to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

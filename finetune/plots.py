@@ -7,6 +7,7 @@ figure as the cell's result.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,11 +27,21 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height))
 
 
-def save_figure(fig: Figure, path: str | Path | None, dpi: int = 100) -> Figure:
-    """Lay ``fig`` out and, when ``path`` is given, write it there (PNG from the suffix); returns ``fig``."""
+def save_figure(fig: Figure, path: str | os.PathLike | None, dpi: int = 100) -> Figure:
+    """Lay ``fig`` out and, when ``path`` is given, write it there as PNG: to a temporary file beside it, then
+    renamed into place, so a reader never sees a half-written figure. Returns ``fig``."""
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=dpi)
+    if path is None:
+        return fig
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return fig
 
 

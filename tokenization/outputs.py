@@ -101,3 +101,17 @@ def refuse_name_clashes(paths: Iterable[str | os.PathLike], output_name) -> None
             raise InputError(f"{seen[name]} and {path} would both be written to {name} in --output; rename one, "
                              "or run them into separate --output folders.")
         seen[name] = str(path)
+
+
+def write_csv_atomic(frame, path: str | os.PathLike) -> Path:
+    """Write a pandas DataFrame as CSV (no index) to a temporary file beside ``path``, then rename it into place:
+    a reader never sees half a table. Returns the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
