@@ -76,11 +76,24 @@ def test_missing_labels_key():
 def test_low_overlap_is_an_error_and_medium_overlap_warns(capsys):
     vocab = GeneVocab([f"X{i}" for i in range(40)] + ["G0"])
     adata = make(np.ones((3, 20)), genes=[f"G{i}" for i in range(20)])
-    with pytest.raises(InputError, match=r"only 5.0% of its genes are in the model's vocabulary"):
+    with pytest.raises(InputError, match=r"only 5.0% of its counts are on genes in the model's vocabulary "
+                       r"\(1 of its 20 expressed genes\)"):
         tokenize(adata, vocab=vocab)
     vocab = GeneVocab([f"G{i}" for i in range(6)])
     tokenize(adata, vocab=vocab)
     assert "warning" in capsys.readouterr().err
+
+
+def test_overlap_weighs_genes_by_their_counts(capsys):
+    """A vocabulary of the genes that carry the counts passes, though most rarely seen genes are missing from it;
+    one that misses the highly expressed genes fails, though it holds most genes."""
+    x = np.ones((3, 20))
+    x[:, :4] = 100  # 4 of 20 genes carry 1200 of the file's 1248 counts
+    adata = make(x, genes=[f"G{i}" for i in range(20)])
+    data = tokenize(adata, vocab=build_vocab([adata[:, :4]]))  # 20% of genes, 96% of counts
+    assert data.report.overlap == pytest.approx(1200 / 1248) and "warning" not in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"only 3.8% of its counts .* \(16 of its 20 expressed genes\)"):
+        tokenize(adata, vocab=build_vocab([adata[:, 4:]]))  # 80% of genes, 3.8% of counts
 
 
 def test_empty_cells_are_dropped_and_counted():

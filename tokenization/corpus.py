@@ -385,10 +385,10 @@ def _prepare_inputs(sources, resolutions, tokenizer: CellTokenizer, config: Corp
             resolution = resolutions[id(source)]
             column_ids = vocab_column_ids(tokenizer, resolution.keys, source=str(source.path))
             overlap = None
-            if given:  # a model's vocabulary: check the overlap on expressed genes before writing
-                expressed = source.expressed(layer=config.layer, chunk_size=config.chunk_size)
-                overlap = tokenizer.check_overlap(column_ids, source=source.path, expressed=expressed)
-                resolution.set_expressed(expressed)
+            if given:  # a model's vocabulary: check the overlap on the file's counts before writing
+                totals = source.gene_counts(layer=config.layer, chunk_size=config.chunk_size)
+                overlap = tokenizer.check_overlap(column_ids, source=source.path, gene_counts=totals)
+                resolution.set_expressed(totals > 0)
         except InputError as err:
             _bad_input(source.path, err, config, excluded, log)
             continue

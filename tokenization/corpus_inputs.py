@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .anndata_io import InputError, check_counts, count_matrix, expand_data_paths, read_h5ad, to_csr
-from .data import input_stem
+from .data import column_totals, input_stem
 
 SOMA_DEFAULT_LAYER = "data"
 """X layer read from a SOMA measurement when no ``layer`` is given (tiledbsoma.io.from_anndata's name for X)."""
@@ -55,14 +55,14 @@ class CorpusInput:
         """An AnnData holding only ``var``, for gene-ID resolution (which reads nothing else)."""
         return ad.AnnData(var=self.var)
 
-    def expressed(self, *, layer: str | None = None, chunk_size: int = 4096) -> np.ndarray:
-        """Boolean per gene: any count in any cell, computed range by range."""
-        seen = np.zeros(len(self.var), dtype=bool)
+    def gene_counts(self, *, layer: str | None = None, chunk_size: int = 4096) -> np.ndarray:
+        """(genes,) float64 total count of each gene, computed range by range."""
+        totals = np.zeros(len(self.var), dtype=np.float64)
         for start in range(0, self.n_obs, chunk_size):
             counts, _ = self.read(start, min(start + chunk_size, self.n_obs), layer=layer)
-            seen[counts.indices[counts.data != 0]] = True
+            totals += column_totals(counts)
         self.close()
-        return seen
+        return totals
 
     def close(self) -> None:
         """Release the input's file handles and in-memory tables (reading reopens it)."""

@@ -59,9 +59,18 @@ def gene_keys(
     return pd.Index(resolution.keys, dtype=object)
 
 
-def expressed_genes(adata: ad.AnnData, layer: str | None = None, chunk_size: int = 4096) -> np.ndarray:
-    """Boolean per gene: any count in any cell (computed chunk by chunk)."""
-    return cells_expressing(adata, layer, chunk_size) > 0
+def gene_counts(adata: ad.AnnData, layer: str | None = None, chunk_size: int = 4096) -> np.ndarray:
+    """(genes,) float64 total count of each gene over all cells (computed chunk by chunk)."""
+    totals = np.zeros(adata.n_vars, dtype=np.float64)
+    matrix = count_matrix(adata, layer)
+    for start in range(0, adata.n_obs, chunk_size):
+        totals += column_totals(to_csr(matrix[start : start + chunk_size]))
+    return totals
+
+
+def column_totals(counts: sp.csr_matrix) -> np.ndarray:
+    """(genes,) float64 sum of each column of a CSR matrix."""
+    return np.bincount(counts.indices, weights=counts.data, minlength=counts.shape[1])
 
 
 def cells_expressing(adata: ad.AnnData, layer: str | None = None, chunk_size: int = 4096) -> np.ndarray:
@@ -177,6 +186,7 @@ def tokenize_anndata(
     """
     resolution, column_ids = _columns_in_vocab(adata, tokenizer, gene_key=gene_key, source=source)
     expressed = np.zeros(adata.n_vars, dtype=bool)
+    totals = np.zeros(adata.n_vars, dtype=np.float64)  # (genes,) counts, for the overlap check
     matrix = count_matrix(adata, layer)
     if sp.issparse(matrix) and matrix.format == "csr" and adata.n_obs:  # in memory: no chunk copies
         counts = to_csr(matrix)
@@ -184,10 +194,13 @@ def tokenize_anndata(
         cells = np.arange(adata.n_obs) + cell_offset
         parts = [tokenizer.encode(counts, column_ids, cell_index=cells, expressed=expressed)]
         parts[0].cell_index = parts[0].cell_index - cell_offset
+        totals += column_totals(counts)
     else:
-        parts = [_encode_chunk(tokenizer, chunk, column_ids, cell_offset, expressed)
-                 for chunk in iter_count_chunks(adata, layer=layer, chunk_size=chunk_size, source=source)]
-    overlap = tokenizer.check_overlap(column_ids, source=source, expressed=expressed)
+        parts = []
+        for chunk in iter_count_chunks(adata, layer=layer, chunk_size=chunk_size, source=source):
+            parts.append(_encode_chunk(tokenizer, chunk, column_ids, cell_offset, expressed))
+            totals += column_totals(chunk.counts)
+    overlap = tokenizer.check_overlap(column_ids, source=source, gene_counts=totals)
     resolution.set_expressed(expressed)
     cells = parts[0] if len(parts) == 1 else TokenizedCells.concatenate(parts)
     report = TokenizeReport(
@@ -247,7 +260,7 @@ def column_token_ids(adata: ad.AnnData, tokenizer: CellTokenizer, *, layer: str 
                      source: str = "data") -> np.ndarray:
     """Vocabulary id of each of ``adata``'s genes (-1 if unknown), after the overlap check."""
     _, column_ids = _columns_in_vocab(adata, tokenizer, gene_key=gene_key, source=source)
-    tokenizer.check_overlap(column_ids, source=source, expressed=expressed_genes(adata, layer))
+    tokenizer.check_overlap(column_ids, source=source, gene_counts=gene_counts(adata, layer))
     return column_ids
 
 

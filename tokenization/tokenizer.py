@@ -69,7 +69,7 @@ class TokenizerConfig:
     target_sum: float = 1e4
     """Library size that counts are normalised to before log1p / ranking."""
     min_overlap: float = 0.1
-    """Fraction of a file's expressed genes that must be in the vocabulary; below it is an error."""
+    """Fraction of a file's counts that must be on vocabulary genes; below it is an error."""
     warn_overlap: float = 0.5
     """Below this overlap a warning is printed."""
     special_tokens: tuple[str, ...] = ("<pad>", "<cls>", "<mask>")
@@ -376,17 +376,31 @@ class CellTokenizer:
         ids[missing] = -1
         return ids
 
-    def check_overlap(self, ids: np.ndarray, *, source: str, expressed: np.ndarray | None = None) -> float:
-        considered = ids if expressed is None else ids[expressed]
-        overlap = float((considered >= 0).mean()) if len(considered) else 0.0
+    def check_overlap(self, ids: np.ndarray, *, source: str, gene_counts: np.ndarray | None = None) -> float:
+        """The fraction of a file's counts that fall on vocabulary genes (of its columns, unweighted, without
+        ``gene_counts``): below ``min_overlap`` an error, below ``warn_overlap`` a warning.
+
+        Counts weigh the genes because a model sees a cell through its most expressed genes: a vocabulary of the
+        genes that are ever among a cell's tokens leaves out thousands of rarely expressed genes that cost nothing.
+        """
+        known = np.asarray(ids) >= 0
+        if gene_counts is None:
+            overlap = float(known.mean()) if len(known) else 0.0
+            what = f"only {overlap:.1%} of its genes are in the model's vocabulary"
+        else:
+            gene_counts = np.asarray(gene_counts, dtype=np.float64)
+            total = gene_counts.sum()
+            overlap = float(gene_counts[known].sum() / total) if total > 0 else 0.0
+            expressed = gene_counts > 0
+            what = (f"only {overlap:.1%} of its counts are on genes in the model's vocabulary "
+                    f"({int((known & expressed).sum())} of its {int(expressed.sum())} expressed genes)")
         if overlap < self.config.min_overlap:
             raise InputError(
-                f"{source}: only {overlap:.1%} of its genes are in the model's vocabulary "
-                f"(minimum {self.config.min_overlap:.0%}). Check that var names (or --gene-key) hold gene "
-                "symbols or Ensembl IDs of the model's species, or train a vocabulary from scratch."
+                f"{source}: {what} (minimum {self.config.min_overlap:.0%}). Check that var names (or --gene-key) hold "
+                "gene symbols or Ensembl IDs of the model's species, or train a vocabulary from scratch."
             )
         if overlap < self.config.warn_overlap:
-            logger.warning(f"warning: {source}: only {overlap:.1%} of its genes are in the model's vocabulary.")
+            logger.warning(f"warning: {source}: {what}.")
         return overlap
 
     # ---------------------------------------------------------------- encode
@@ -574,6 +588,6 @@ class TokenizeReport:
     def summary(self) -> str:
         text = (
             f"{self.source}: {self.n_cells_kept}/{self.n_cells} cells kept ({self.n_empty_dropped} empty dropped), "
-            f"{self.n_genes_in_vocab}/{self.n_genes} genes in vocabulary ({self.overlap:.1%} of expressed genes)"
+            f"{self.n_genes_in_vocab}/{self.n_genes} genes in vocabulary ({self.overlap:.1%} of the counts)"
         )
         return text if self.gene_ids is None else f"{text}\n  {self.gene_ids.summary()}"
