@@ -119,7 +119,7 @@ def test_label_transfer_from_cli(shared_data, tmp_path, capsys):
     assert main(["predict", "annotation", "--model", str(tmp_path / "ft" / "model"), "--data", str(tmp_path / "query.h5ad"),
                  "--unknown-threshold", "0.3", "--output", str(tmp_path / "pred")]) == 0
     report = capsys.readouterr().err  # log lines, on stderr
-    assert "are on genes in the model's vocabulary" in report and "absent" in report
+    assert "genes are in the model's vocabulary" in report and "absent" in report
     out = ad.read_h5ad(tmp_path / "pred" / "query.h5ad")
     labels = out.obs["atlasformer_label"].astype(str)
     assert set(labels) <= set(ref.obs["cell_type"].astype(str)) | {"unknown"}
