@@ -376,24 +376,21 @@ class CellTokenizer:
         ids[missing] = -1
         return ids
 
-    def check_overlap(self, ids: np.ndarray, *, source: str, gene_counts: np.ndarray | None = None) -> float:
-        """The fraction of a file's counts that fall on vocabulary genes (of its columns, unweighted, without
-        ``gene_counts``): below ``min_overlap`` an error, below ``warn_overlap`` a warning.
+    def check_overlap(self, ids: np.ndarray, *, source: str, gene_counts: np.ndarray) -> float:
+        """The fraction of a file's counts that fall on vocabulary genes, given each column's vocabulary id
+        (``ids``, -1 unknown) and total count (``gene_counts``): below ``min_overlap`` an error, below
+        ``warn_overlap`` a warning.
 
         Counts weigh the genes because a model sees a cell through its most expressed genes: a vocabulary of the
         genes that are ever among a cell's tokens leaves out thousands of rarely expressed genes that cost nothing.
         """
         known = np.asarray(ids) >= 0
-        if gene_counts is None:
-            overlap = float(known.mean()) if len(known) else 0.0
-            what = f"only {overlap:.1%} of its genes are in the model's vocabulary"
-        else:
-            gene_counts = np.asarray(gene_counts, dtype=np.float64)
-            total = gene_counts.sum()
-            overlap = float(gene_counts[known].sum() / total) if total > 0 else 0.0
-            expressed = gene_counts > 0
-            what = (f"only {overlap:.1%} of its counts are on genes in the model's vocabulary "
-                    f"({int((known & expressed).sum())} of its {int(expressed.sum())} expressed genes)")
+        gene_counts = np.asarray(gene_counts, dtype=np.float64)
+        total = gene_counts.sum()
+        overlap = float(gene_counts[known].sum() / total) if total > 0 else 0.0
+        expressed = gene_counts > 0
+        what = (f"only {overlap:.1%} of its counts are on genes in the model's vocabulary "
+                f"({int((known & expressed).sum())} of its {int(expressed.sum())} expressed genes)")
         if overlap < self.config.min_overlap:
             raise InputError(
                 f"{source}: {what} (minimum {self.config.min_overlap:.0%}). Check that var names (or --gene-key) hold "
