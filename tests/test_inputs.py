@@ -84,16 +84,24 @@ def test_low_overlap_is_an_error_and_medium_overlap_warns(capsys):
     assert "warning" in capsys.readouterr().err
 
 
-def test_overlap_weighs_genes_by_their_counts(capsys):
+def test_overlap_weighs_genes_by_their_counts(capsys, tmp_path):
     """A vocabulary of the genes that carry the counts passes, though most rarely seen genes are missing from it;
-    one that misses the highly expressed genes fails, though it holds most genes."""
+    one that misses the highly expressed genes fails, though it holds most genes. A backed file (read chunk by
+    chunk) gets the same figure."""
     x = np.ones((3, 20))
     x[:, :4] = 100  # 4 of 20 genes carry 1200 of the file's 1248 counts
+    x[:, 19] = 0  # an unexpressed gene outside the vocabulary is not reported as dropped
     adata = make(x, genes=[f"G{i}" for i in range(20)])
-    data = tokenize(adata, vocab=build_vocab([adata[:, :4]]))  # 20% of genes, 96% of counts
-    assert data.report.overlap == pytest.approx(1200 / 1248) and "warning" not in capsys.readouterr().err
-    with pytest.raises(InputError, match=r"only 3.8% of its counts .* \(16 of its 20 expressed genes\)"):
-        tokenize(adata, vocab=build_vocab([adata[:, 4:]]))  # 80% of genes, 3.8% of counts
+    vocab = build_vocab([adata[:, :4]])
+    data = tokenize(adata, vocab=vocab)  # 20% of genes, 96% of counts
+    assert data.report.overlap == pytest.approx(1200 / 1245) and "warning" not in capsys.readouterr().err
+    assert data.report.dropped_genes == [f"G{i}" for i in range(4, 19)]
+    adata.write_h5ad(tmp_path / "f.h5ad")
+    backed = tokenize_anndata(ad.read_h5ad(tmp_path / "f.h5ad", backed="r"), CellTokenizer(vocab, TokenizerConfig()),
+                              source="f.h5ad", chunk_size=2)
+    assert backed.report.overlap == data.report.overlap and backed.report.dropped_genes == data.report.dropped_genes
+    with pytest.raises(InputError, match=r"only 3.6% of its counts .* \(15 of its 19 expressed genes\)"):
+        tokenize(adata, vocab=build_vocab([adata[:, 4:]]))  # 80% of genes, 3.6% of counts
 
 
 def test_empty_cells_are_dropped_and_counted():

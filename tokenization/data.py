@@ -185,22 +185,22 @@ def tokenize_anndata(
     resolution routes and the overlap with the vocabulary.
     """
     resolution, column_ids = _columns_in_vocab(adata, tokenizer, gene_key=gene_key, source=source)
-    expressed = np.zeros(adata.n_vars, dtype=bool)
-    totals = np.zeros(adata.n_vars, dtype=np.float64)  # (genes,) counts, for the overlap check
+    totals = np.zeros(adata.n_vars, dtype=np.float64)  # (genes,) counts: the overlap check and expressed genes
     matrix = count_matrix(adata, layer)
     if sp.issparse(matrix) and matrix.format == "csr" and adata.n_obs:  # in memory: no chunk copies
         counts = to_csr(matrix)
         check_counts(counts, source=source, layer=layer)
         cells = np.arange(adata.n_obs) + cell_offset
-        parts = [tokenizer.encode(counts, column_ids, cell_index=cells, expressed=expressed)]
+        parts = [tokenizer.encode(counts, column_ids, cell_index=cells)]
         parts[0].cell_index = parts[0].cell_index - cell_offset
         totals += column_totals(counts)
     else:
         parts = []
         for chunk in iter_count_chunks(adata, layer=layer, chunk_size=chunk_size, source=source):
-            parts.append(_encode_chunk(tokenizer, chunk, column_ids, cell_offset, expressed))
+            parts.append(_encode_chunk(tokenizer, chunk, column_ids, cell_offset))
             totals += column_totals(chunk.counts)
     overlap = tokenizer.check_overlap(column_ids, source=source, gene_counts=totals)
+    expressed = totals > 0  # counts are checked non-negative, so a positive total is a gene with a count
     resolution.set_expressed(expressed)
     cells = parts[0] if len(parts) == 1 else TokenizedCells.concatenate(parts)
     report = TokenizeReport(
@@ -241,10 +241,9 @@ def vocab_column_ids(tokenizer: CellTokenizer, keys, *, source: str) -> np.ndarr
     return column_ids
 
 
-def _encode_chunk(tokenizer: CellTokenizer, chunk, column_ids: np.ndarray, cell_offset: int,
-                  expressed: np.ndarray | None = None) -> TokenizedCells:
+def _encode_chunk(tokenizer: CellTokenizer, chunk, column_ids: np.ndarray, cell_offset: int) -> TokenizedCells:
     rows = np.arange(chunk.start, chunk.start + chunk.counts.shape[0])
-    part = tokenizer.encode(chunk.counts, column_ids, cell_index=rows + cell_offset, expressed=expressed)
+    part = tokenizer.encode(chunk.counts, column_ids, cell_index=rows + cell_offset)
     part.cell_index = part.cell_index - cell_offset  # keep row numbers local to this input
     return part
 
