@@ -229,7 +229,9 @@ def test_model_vocabulary_without_overlap_and_mixed_species_are_errors(tmp_path)
     # a model's vocabulary is kept as it is: a corpus for that model
     partial = CellTokenizer(GeneVocab([f"ENSG{i:011d}" for i in range(0, 100)]), TokenizerConfig(max_seq_len=64))
     manifest = build_corpus([human], tmp_path / "c3", partial, config=config(), log=quiet)
-    assert manifest["vocab_size"] == 103 and 0.5 < manifest["inputs"][0]["overlap"] < 1
+    totals = np.asarray(ad.read_h5ad(human).X.sum(0)).ravel()  # (120 genes,): the overlap is the share of counts
+    assert manifest["vocab_size"] == 103
+    assert manifest["inputs"][0]["overlap"] == pytest.approx(totals[:100].sum() / totals.sum())
 
 
 def test_soma_experiment_input_matches_the_h5ad(tmp_path):
