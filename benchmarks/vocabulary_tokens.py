@@ -14,7 +14,8 @@ import numpy as np
 from atlasformer.config import load_config
 from atlasformer.pretrain import PretrainConfig
 from atlasformer.pretrain.train import make_tokenizer
-from atlasformer.tokenization import open_inputs, tokenize_anndata
+from atlasformer.tokenization import open_inputs
+from atlasformer.tokenization.data import cells_with_token
 
 CORPUS = ("kang_pbmc_8donors cellbench_lung_lines_5batches pbmc_10x_3chemistries pbmc4k_10x_v2 pbmc_sorted_reference "
           "pbmc_donorA_query kang_pbmc_ctrl_stim pbmc_celltypist_sample pbmc1k_cite.rna eccite_pbmc_500.rna").split()
@@ -27,10 +28,7 @@ def main() -> None:
     cfg = load_config(PretrainConfig, "configs/pretrain/public_small.yaml", [f"data={paths[0]}", "output=unused"])
     inputs = open_inputs(paths)
     tokenizer = make_tokenizer(cfg, inputs)
-    cells_as_token = np.zeros(len(tokenizer.vocab), np.int64)  # (vocabulary,)
-    for source, adata in inputs:
-        cells = tokenize_anndata(adata, tokenizer, source=source).cells
-        cells_as_token += np.bincount(cells.gene_ids, minlength=len(cells_as_token))
+    cells_as_token = cells_with_token([a for _, a in inputs], tokenizer, sources=[s for s, _ in inputs])  # (vocabulary,)
     genes = np.array([tokenizer.vocab.token_to_id[g] for g in tokenizer.vocab.genes])
     print(f"vocabulary genes: {len(genes):,} (vocab_min_cells={cfg.vocab_min_cells}, "
           f"{cfg.tokenizer.max_seq_len} genes per cell)")

@@ -131,14 +131,21 @@ def vocab_of_tokens(
     never trains its embedding row; the cut keeps only rows that pretraining trains. With ``min_cells=1`` no
     cell's tokens change, since a dropped gene was never kept for any cell.
     """
-    sources = sources or [f"data[{i}]" for i in range(len(datas))]
-    cells_as_token = np.zeros(len(tokenizer.vocab), dtype=np.int64)  # (vocabulary,)
-    for adata, source in zip(datas, sources):
-        cells = tokenize_anndata(adata, tokenizer, layer=layer, gene_key=gene_key, source=source).cells
-        cells_as_token += np.bincount(cells.gene_ids, minlength=len(cells_as_token))  # a gene once per cell
+    cells_as_token = cells_with_token(datas, tokenizer, gene_key=gene_key, layer=layer, sources=sources)
     vocab = tokenizer.vocab
     kept = [gene for gene in vocab.genes if cells_as_token[vocab.token_to_id[gene]] >= min_cells]
     return GeneVocab(kept, specials=vocab.specials)
+
+
+def cells_with_token(datas: list[ad.AnnData], tokenizer: CellTokenizer, *, gene_key: str | None = None,
+                     layer: str | None = None, sources: list[str] | None = None) -> np.ndarray:
+    """(vocabulary,) int64: for each token id, the cells of ``datas`` whose tokens include it."""
+    sources = sources or [f"data[{i}]" for i in range(len(datas))]
+    counts = np.zeros(len(tokenizer.vocab), dtype=np.int64)
+    for adata, source in zip(datas, sources):
+        cells = tokenize_anndata(adata, tokenizer, layer=layer, gene_key=gene_key, source=source).cells
+        counts += np.bincount(cells.gene_ids, minlength=len(counts))  # a gene is a token once per cell
+    return counts
 
 
 @dataclass
