@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from atlasformer.tokenization.outputs import atomic_path
+
 from .plots import new_figure, save_figure
 
 if TYPE_CHECKING:
@@ -203,7 +205,6 @@ def write_report(rows: list[dict], metas: list[dict], path: str | Path, *, plots
         if plot is not None:
             plot_task(table, task, dataset, plot)
         lines += task_section(task, dataset, table, by_key.get((task, dataset), {}), plot, path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return path

@@ -36,6 +36,7 @@ from atlasformer.tokenization import (
 )
 from atlasformer.tokenization.anndata_io import check_obs_key
 from atlasformer.tokenization.console import log_once, progress_bar
+from atlasformer.tokenization.outputs import atomic_path
 
 from .config import FinetuneConfig
 
@@ -284,17 +285,11 @@ def output_adata(adata: ad.AnnData, with_x: bool = False) -> ad.AnnData:
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
-    """Write ``adata`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """Write ``adata`` through :func:`~atlasformer.tokenization.outputs.atomic_path` (a temporary file renamed
+    into place)."""
+    with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 PROVENANCE_KEY = "atlasformer"

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from atlasformer.tokenization.outputs import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -31,17 +33,9 @@ def save_figure(fig: Figure, path: str | os.PathLike | None, dpi: int = 100) -> 
     """Lay ``fig`` out and, when ``path`` is given, write it there as PNG: to a temporary file beside it, then
     renamed into place, so a reader never sees a half-written figure. Returns ``fig``."""
     fig.tight_layout()
-    if path is None:
-        return fig
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     return fig
 
 

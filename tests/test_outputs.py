@@ -120,3 +120,31 @@ def test_output_rules_as_a_function(tmp_path):
     with pytest.raises(InputError, match="must be a folder"):
         prepare_output_folder(data, [])
     assert prepare_output_folder(tmp_path / "new", [data]).is_dir()
+
+
+def test_output_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """Every output file goes through atomic_path: a write that fails leaves the old file and no temporary
+    file; one that succeeds replaces it (JSON, CSV, figures and h5ad alike)."""
+    import anndata as ad
+    import pandas as pd
+
+    from atlasformer.finetune.common import write_h5ad_atomic
+    from atlasformer.finetune.plots import new_figure, save_figure
+    from atlasformer.tokenization.corpus_format import write_json_atomic
+    from atlasformer.tokenization.outputs import atomic_path, write_csv_atomic
+
+    target = tmp_path / "out" / "metrics.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(TypeError):  # fails half-way through the dump
+        write_json_atomic(target, {"a": 2, "b": object()}, default=None)
+    assert target.read_text() == '{\n "a": 1\n}' and sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == '{\n "a": 1\n}' and sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
+    write_csv_atomic(pd.DataFrame({"x": [1, 2]}), tmp_path / "out" / "t.csv")
+    save_figure(new_figure(2, 2), tmp_path / "out" / "f.png")
+    write_h5ad_atomic(ad.AnnData(pd.DataFrame({"g": [1.0]})), tmp_path / "out" / "a.h5ad")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.h5ad", "f.png", "metrics.json", "t.csv"]
+    assert (tmp_path / "out" / "t.csv").read_text() == "x\n1\n2\n"
+    assert (tmp_path / "out" / "f.png").read_bytes()[:4] == b"\x89PNG"

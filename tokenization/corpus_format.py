@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .anndata_io import InputError
+from .outputs import atomic_path
 from .tokenizer import CellTokenizer, TokenizedCells
 
 MANIFEST = "manifest.json"
@@ -43,12 +44,10 @@ def write_json_atomic(path: Path, data, *, default=str) -> None:
     """Write JSON to a temporary file, flush it to disk and rename it over ``path``, so a reader never sees half a
     file; ``default`` converts what JSON cannot hold (``float`` for numpy numbers, ``str`` for paths)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         json.dump(data, fh, indent=1, default=default)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .anndata_io import InputError
@@ -103,15 +104,24 @@ def refuse_name_clashes(paths: Iterable[str | os.PathLike], output_name) -> None
         seen[name] = str(path)
 
 
-def write_csv_atomic(frame, path: str | os.PathLike) -> Path:
-    """Write a pandas DataFrame as CSV (no index) to a temporary file beside ``path``, then rename it into place:
-    a reader never sees half a table. Returns the path."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` (its folder created) for the block to write; renamed over ``path`` when
+    the block succeeds and removed when it fails, so a reader never sees half a file and a failed write leaves
+    the old file as it was. Every output file of atlasformer is written through it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        frame.to_csv(tmp, index=False)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+
+
+def write_csv_atomic(frame, path: str | os.PathLike) -> Path:
+    """Write a pandas DataFrame as CSV (no index) through :func:`atomic_path`. Returns the path."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
