@@ -306,6 +306,7 @@ def cmd_embed(args) -> int:
 def cmd_quickstart(args) -> int:
     """Simulate (or read) data, pretrain a tiny model, fine-tune every head the data supports, print the metrics."""
     from atlasformer.finetune import FinetuneConfig, finetune_file
+    from atlasformer.finetune.common import write_h5ad_atomic
     from atlasformer.pretrain import PretrainConfig, train
     from atlasformer.tokenization import simulate_counts, simulate_proteins
     from atlasformer.tokenization.outputs import prepare_output_folder
@@ -320,8 +321,8 @@ def cmd_quickstart(args) -> int:
     else:
         data, paired, labels_key, batch_key = output / "simulated.h5ad", output / "simulated.protein.h5ad", "cell_type", "batch"
         adata = simulate_counts(n_cells=args.n_cells, seed=0)
-        adata.write_h5ad(data)
-        simulate_proteins(adata, seed=0).write_h5ad(paired)
+        write_h5ad_atomic(adata, data)
+        write_h5ad_atomic(simulate_proteins(adata, seed=0), paired)
         logger.info(f"simulated {args.n_cells:,} cells x 600 genes (5 cell types, 2 batches) and 20 proteins -> "
                     f"{data}, {paired}")
     root = configs_root()

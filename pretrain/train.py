@@ -37,6 +37,7 @@ from atlasformer.tokenization import (
     vocab_of_tokens,
 )
 from atlasformer.tokenization.console import log_once, progress_bar
+from atlasformer.tokenization.corpus_format import write_json_atomic
 from atlasformer.tokenization.outputs import (
     prepare_output_folder,
     refuse_foreign_folder,
@@ -360,7 +361,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
     refuse_foreign_model_folder(run_dir / "model", overwrite=overwrite)  # checked now, not after hours of training
     if engine.is_main:
         prepare_output_folder(run_dir, overwrite=True, command="pretrain")
-        (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+        write_json_atomic(run_dir / "config.json", run_config)
     log = Logger(run_dir, engine.is_main, cfg)
 
     # data and tokenizer: a corpus folder is streamed from disk; h5ad files are tokenized in memory
@@ -373,7 +374,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
             run_config.update(tokenizer=json.loads(json.dumps(asdict(cfg.tokenizer), default=str)),
                               objectives=dict(cfg.objectives), tokenizer_decision=decision)
             if engine.is_main:
-                (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+                write_json_atomic(run_dir / "config.json", run_config)
     else:
         inputs = _open(cfg)
         tokenizer = make_tokenizer(cfg, inputs)
