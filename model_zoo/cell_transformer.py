@@ -73,6 +73,10 @@ class CellTransformerConfig(PretrainedConfig):
         embedding (``"values"``, as scGPT's ContinuousValueEncoder).
     mvc_head
         scGPT-style MVC / GEPC: predict each gene's value from the cell embedding and the gene embedding.
+    domain_names
+        Pretraining: the domains (input files, technologies, batches) a discriminator on the cell embedding
+        learns to tell apart while the encoder, through gradient reversal, learns to hide them (scGPT's DAB,
+        applied during pretraining); None: no adversary.
     readout
         Fine-tuned heads: ``"mlp"`` (scGPT's ClsDecoder) or ``"linear"`` over [standardised cell embedding;
         expression features], which a closed-form fit (logistic or ridge regression) can set.
@@ -137,6 +141,7 @@ class CellTransformerConfig(PretrainedConfig):
         gene_head_activation: Literal["relu", "gelu"] = "gelu",
         embedding_dropout: Literal["sum", "values"] = "sum",
         mvc_head: bool = False,
+        domain_names: list[str] | None = None,
         readout: Literal["mlp", "linear"] = "mlp",
         expression_genes: list[str] | None = None,
         expression_components: int = 0,
@@ -179,6 +184,7 @@ class CellTransformerConfig(PretrainedConfig):
         self.gene_head_activation = gene_head_activation
         self.embedding_dropout = embedding_dropout
         self.mvc_head = mvc_head
+        self.domain_names = list(domain_names) if domain_names else None
         self.readout = readout
         self.expression_genes = list(expression_genes or [])
         self.expression_components = int(expression_components)
@@ -545,6 +551,38 @@ def masked_sum_loss(per_token: torch.Tensor, target_mask: torch.Tensor, normaliz
     return total / normalizer
 
 
+class ClassifierHead(nn.Module):
+    """scGPT's ClsDecoder: (Linear - ReLU - LayerNorm) x n_hidden, then Linear to the classes."""
+
+    def __init__(self, d_model: int, n_classes: int, n_hidden: int = 2, dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(n_hidden):
+            layers += [nn.Linear(d_model, d_model), nn.ReLU(), nn.LayerNorm(d_model), nn.Dropout(dropout)]
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Linear(d_model, n_classes)
+
+    def forward(self, cell_embedding: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(cell_embedding))  # (batch, n_classes)
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; gradient multiplied by ``-scale`` backward (Ganin & Lempitsky 2015, scGPT's DAB)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return GradientReversal.apply(x, scale)
+
+
 class CellTransformerForPretraining(CellTransformerPreTrainedModel):
     """Backbone plus the pretraining heads: masked values, masked genes, MVC.
 
@@ -568,6 +606,8 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
         self.value_head = ValueHead(config) if config.value_head != "none" else None
         self.gene_head = GeneHead(config) if config.gene_head else None
         self.mvc_head = MVCHead(config) if config.mvc_head else None
+        domains = config.domain_names or []
+        self.domain_head = ClassifierHead(config.d_model, len(domains), n_hidden=1, dropout=config.dropout) if domains else None
         self.objective_weights = objective_weights
         self.post_init()
 
@@ -580,6 +620,7 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
         value_targets: torch.Tensor | None = None,
         gene_targets: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
+        domains: torch.Tensor | None = None,
         loss_normalizer: torch.Tensor | float | None = None,
         objective_weights: dict[str, float] | None = None,
         output_attentions: bool = False,
@@ -593,10 +634,12 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
             (batch, keys) condition ids.
         value_targets, gene_targets, target_mask
             (batch, seq) targets of the masked-value / MVC and masked-gene objectives, and where they apply.
+        domains
+            (batch,) domain ids (``config.domain_names``) of the ``batch_adversary`` objective.
         loss_normalizer
             Divisor of the summed losses (default: the number of targets).
         objective_weights
-            ``masked_value`` / ``masked_gene`` / ``mvc`` -> weight; a missing or zero-weight objective is off.
+            ``masked_value`` / ``masked_gene`` / ``mvc`` / ``batch_adversary`` -> weight; a missing or zero-weight objective is off.
             None: every objective this model has a head for, at weight 1.
         output_attentions
             Also return ``attentions``, each layer's (batch, heads, seq, seq) attention weights (eval mode only).
@@ -641,13 +684,19 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
             extras["mvc_values"] = mvc = self.mvc_head(genes, cell[at // input_ids.shape[1]])  # (n_targets,)
             per_target = (mvc.float() - value_targets.flatten()[at].float()) ** 2
             terms["mvc"] = weights["mvc"] * per_target.sum() / normalizer
+        if "batch_adversary" in weights and domains is not None:
+            # the head learns to name each cell's domain; the reversed gradient teaches the encoder to hide it.
+            # A mean over cells, so its weight reads as that of the per-target means above.
+            extras["domain_logits"] = domain_logits = self.domain_head(grad_reverse(cell))  # (batch, n_domains)
+            terms["batch_adversary"] = weights["batch_adversary"] * F.cross_entropy(domain_logits.float(), domains.long())
         loss = sum(terms.values()) if terms else None
         return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=cell, hidden_states=hidden,
                                extras=extras, attentions=out.attentions)
 
     def active_objectives(self, weights: dict[str, float] | None) -> dict[str, float]:
         """Objective -> weight of the objectives that are on: named with a non-zero weight (all at 1 for None)."""
-        heads = {"masked_value": self.value_head, "masked_gene": self.gene_head, "mvc": self.mvc_head}
+        heads = {"masked_value": self.value_head, "masked_gene": self.gene_head, "mvc": self.mvc_head,
+                 "batch_adversary": self.domain_head}
         present = [name for name, head in heads.items() if head is not None]
         if weights is None:
             return dict.fromkeys(present, 1.0)

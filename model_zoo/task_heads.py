@@ -17,25 +17,12 @@ from .cell_transformer import (
     CellTransformer,
     CellTransformerConfig,
     CellTransformerPreTrainedModel,
+    ClassifierHead,
     ValueHead,
+    grad_reverse,
     masked_sum_loss,
 )
 from .likelihoods import log_nb_positive, log_zinb_positive
-
-
-class ClassifierHead(nn.Module):
-    """scGPT's ClsDecoder: (Linear - ReLU - LayerNorm) x n_hidden, then Linear to the classes."""
-
-    def __init__(self, d_model: int, n_classes: int, n_hidden: int = 2, dropout: float = 0.1):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(n_hidden):
-            layers += [nn.Linear(d_model, d_model), nn.ReLU(), nn.LayerNorm(d_model), nn.Dropout(dropout)]
-        self.hidden = nn.Sequential(*layers)
-        self.out = nn.Linear(d_model, n_classes)
-
-    def forward(self, cell_embedding: torch.Tensor) -> torch.Tensor:
-        return self.out(self.hidden(cell_embedding))  # (batch, n_classes)
 
 
 class ExpressionPath(nn.Module):
@@ -187,23 +174,6 @@ class ExpressionDecoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ integration
-class GradientReversal(torch.autograd.Function):
-    """Identity forward; gradient multiplied by ``-scale`` backward (Ganin & Lempitsky 2015, scGPT's DAB)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.scale * grad, None
-
-
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    return GradientReversal.apply(x, scale)
-
-
 class CellTransformerForIntegration(TaskModel):
     """Batch-invariant cell embeddings: masked-value objectives plus an adversarial batch discriminator.
 

@@ -35,6 +35,10 @@ class PretrainConfig:
     in at least this many cells; 0 keeps every counted gene. A gene never kept for any cell never trains its row."""
     condition_keys: tuple[str, ...] = ()
     """Further obs columns whose values become condition tokens (technology, species, modality, ...)."""
+    adversary_key: str | None = None
+    """The ``batch_adversary`` objective's domains: an obs column (batch, technology, study), or ``"source"`` for
+    each cell's input file. A discriminator on the cell embedding learns to name them while the encoder, through
+    gradient reversal, learns to hide them, so the embedding keeps less batch for integration to remove."""
     init_from: str | None = None
     """Start from this model folder (its tokenizer is reused) instead of random weights."""
     max_steps: int = 1000
@@ -56,7 +60,7 @@ class PretrainConfig:
     mask_ratio: float = 0.4
     """Fraction of gene positions whose value (or gene, for rank input) is masked and predicted."""
     objectives: dict[str, float] = field(default_factory=lambda: {"masked_value": 1.0})
-    """Loss weights: masked_value, mvc, masked_gene."""
+    """Loss weights: masked_value, mvc, masked_gene, batch_adversary (with ``adversary_key``)."""
     eval_fraction: float = 0.05
     """Fraction of cells held out for the evaluation loss."""
     eval_every: int = 200
@@ -114,9 +118,17 @@ class PretrainConfig:
             raise ValueError("zero_stage, offload and deepspeed_config apply to strategy=deepspeed only")
         if self.strategy == "fsdp" and self.precision == "fp16":
             raise ValueError("strategy=fsdp supports precision fp32 or bf16 (fp16 needs loss scaling); use bf16")
-        unknown = set(self.objectives) - {"masked_value", "mvc", "masked_gene"}
+        unknown = set(self.objectives) - {"masked_value", "mvc", "masked_gene", "batch_adversary"}
         if unknown:
-            raise ValueError(f"unknown objectives {sorted(unknown)}; choose from masked_value, mvc, masked_gene")
+            raise ValueError(f"unknown objectives {sorted(unknown)}; choose from masked_value, mvc, masked_gene, "
+                             "batch_adversary")
+        adversary = bool(self.objectives.get("batch_adversary"))
+        if adversary != bool(self.adversary_key):
+            raise ValueError("the batch_adversary objective and adversary_key go together: name the domains the "
+                             "adversary hides with adversary_key (an obs column, or source for the input file) and "
+                             "give the objective a weight, e.g. objectives={masked_value: 1.0, batch_adversary: 0.1}")
+        if adversary and set(self.objectives) == {"batch_adversary"}:
+            raise ValueError("batch_adversary alone trains nothing to keep: add masked_value, mvc or masked_gene")
         kind = self.tokenizer.kind
         if kind == "rank" and self.objectives == {"masked_value": 1.0}:
             object.__setattr__(self, "objectives", {"masked_gene": 1.0})  # the default, for input without values

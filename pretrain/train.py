@@ -31,6 +31,7 @@ from atlasformer.tokenization import (
     TokenizedCells,
     build_vocab,
     collate,
+    input_stem,
     is_corpus,
     open_inputs,
     tokenize_anndata,
@@ -107,7 +108,8 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     To a GPU they are copied from pinned memory without blocking: a copy from pageable memory waits
     for every queued kernel, and a non-blocking one overlaps the step's earlier micro-batches.
     """
-    keys = ("input_ids", "values", "attention_mask", "conditions", "value_targets", "gene_targets", "target_mask")
+    keys = ("input_ids", "values", "attention_mask", "conditions", "value_targets", "gene_targets", "target_mask",
+            "domains")
     if "attention_mask" in batch and batch["attention_mask"].numpy().all():
         # checked on the host, before the copy: a batch without padding needs no mask, so flash attention can run
         keys = tuple(k for k in keys if k != "attention_mask")
@@ -135,24 +137,37 @@ def make_tokenizer(cfg: PretrainConfig, inputs) -> CellTokenizer:
     return tokenizer
 
 
-def load_cells(cfg: PretrainConfig, tokenizer: CellTokenizer, inputs, log) -> tuple[TokenizedCells, np.ndarray, list[str]]:
-    """Tokenize every input in memory; returns cells, condition ids per cell and condition names."""
-    parts, batches = [], []
+@dataclasses.dataclass(frozen=True)
+class CellTags:
+    """Ids beside each cell's tokens: its condition tokens, and its domain for the batch adversary."""
+
+    conditions: np.ndarray  # (cells,) or (cells, keys) ids into condition_names
+    condition_names: list[str]
+    domains: np.ndarray  # (cells,) ids into domain_names
+    domain_names: list[str]
+
+
+def load_cells(cfg: PretrainConfig, tokenizer: CellTokenizer, inputs, log) -> tuple[TokenizedCells, CellTags]:
+    """Tokenize every input in memory; returns the cells and their condition and domain ids."""
+    parts, conditions, domains = [], [], []
     offset = 0
+    domain_key = [cfg.adversary_key] if cfg.adversary_key else []
     for source, adata in inputs:
         data = tokenize_anndata(adata, tokenizer, layer=cfg.layer, gene_key=cfg.gene_key, source=source, cell_offset=offset)
         log.once(data.report.summary())
         offset += adata.n_obs
         parts.append(data.cells)
-        batches.append(condition_labels(data.obs, condition_keys(cfg), source, len(data.cells)))
-    conditions, names = condition_ids(np.concatenate(batches), condition_keys(cfg))
-    return TokenizedCells.concatenate(parts), conditions, names
+        conditions.append(condition_labels(data.obs, condition_keys(cfg), source, len(data.cells)))
+        domains.append(condition_labels(data.obs, domain_key, source, len(data.cells)))
+    condition_table, condition_names = condition_ids(np.concatenate(conditions), condition_keys(cfg))
+    domain_table, domain_names = condition_ids(np.concatenate(domains), domain_key)
+    return TokenizedCells.concatenate(parts), CellTags(condition_table, condition_names, domain_table, domain_names)
 
 
 def load_corpus(cfg: PretrainConfig, rank: int, world_size: int, log):
     """A corpus folder as ``--data``: its tokenizer, this rank's streaming loader, and held-out cells in memory.
 
-    Returns ``(tokenizer, loader, eval_cells, eval_conditions, condition_names)``.
+    Returns ``(tokenizer, loader, eval_cells, eval_tags)``.
     """
     corpus = Corpus(cfg.data[0])
     tokenizer = corpus.tokenizer
@@ -160,12 +175,13 @@ def load_corpus(cfg: PretrainConfig, rank: int, world_size: int, log):
         raise InputError(f"{corpus.path} was tokenized with another vocabulary than {cfg.init_from}; rebuild it with "
                          f"`atlasformer tokenize --model {cfg.init_from} ...`.")
     loader = CorpusLoader(corpus, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size, config=cfg.loader,
-                          eval_fraction=cfg.eval_fraction, condition_keys=tuple(condition_keys(cfg)))
-    eval_cells, eval_conditions = loader.eval_cells(cfg.eval_batches * cfg.batch_size)
+                          eval_fraction=cfg.eval_fraction, condition_keys=tuple(condition_keys(cfg)),
+                          domain_key=cfg.adversary_key)
+    eval_cells, eval_conditions, eval_domains = loader.eval_cells(cfg.eval_batches * cfg.batch_size)
     log(f"corpus {corpus.path}: {len(corpus):,} cells ({tokenizer.config.kind} tokens, {len(tokenizer.vocab):,} in the "
         f"vocabulary), streamed in blocks of {cfg.loader.block_size} through a {cfg.loader.buffer_size:,}-cell shuffle "
         f"buffer; {len(corpus) - loader.n_train_cells:,} cells held out, the first {len(eval_cells):,} evaluated")
-    return tokenizer, loader, eval_cells, eval_conditions, loader.condition_names
+    return tokenizer, loader, eval_cells, CellTags(eval_conditions, loader.condition_names, eval_domains, loader.domain_names)
 
 
 TOKENIZER_FIELDS = ("kind", "n_bins", "max_seq_len", "selection", "target_sum", "gene_id_mode")
@@ -196,12 +212,14 @@ def condition_keys(cfg: PretrainConfig) -> list[str]:
 
 
 def condition_labels(obs, keys: list[str], source: str, n_cells: int) -> np.ndarray:
-    """(cells, keys) string labels of the condition columns."""
-    missing = [k for k in keys if k not in obs]
+    """(cells, keys) string labels of the condition columns; ``source``, unless obs has such a column, is the input
+    file's name without its extension (as a corpus names its inputs)."""
+    missing = [k for k in keys if k not in obs and k != "source"]
     if missing:
-        raise InputError(f"{source}: condition column(s) {missing} not in obs (batch_key / condition_keys); "
-                         f"available: {list(obs.columns)}.")
-    return np.stack([obs[k].astype(str).to_numpy() for k in keys], axis=1) if keys else np.zeros((n_cells, 0), dtype=str)
+        raise InputError(f"{source}: obs column(s) {missing} not in obs (batch_key / condition_keys / adversary_key); "
+                         f"available: {list(obs.columns)}, or source for the input file.")
+    columns = [obs[k].astype(str).to_numpy() if k in obs else np.full(n_cells, input_stem(source)) for k in keys]
+    return np.stack(columns, axis=1) if keys else np.zeros((n_cells, 0), dtype=str)
 
 
 def condition_ids(labels: np.ndarray, keys: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -221,11 +239,14 @@ def condition_ids(labels: np.ndarray, keys: list[str]) -> tuple[np.ndarray, list
     return (ids[:, 0] if len(keys) == 1 else ids), names
 
 
-def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, n_conditions: int) -> CellTransformerForPretraining:
+def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, tags: CellTags) -> CellTransformerForPretraining:
     if cfg.init_from:
         model, _ = load_model_folder(cfg.init_from)
         if not isinstance(model, CellTransformerForPretraining):
             raise InputError(f"{cfg.init_from}: init_from must be a pretrained (not fine-tuned) model folder.")
+        if tags.domain_names and (model.config.domain_names or []) != tags.domain_names:
+            raise InputError(f"{cfg.init_from} has domains {model.config.domain_names} for the batch adversary, the "
+                             f"data {tags.domain_names}: continue on the same domains or start from random weights.")
         return model
     known = set(CellTransformerConfig().to_dict())
     unknown = set(cfg.model) - known
@@ -237,20 +258,23 @@ def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, n_conditions: int)
         "value_head": VALUE_HEAD[kind] if "masked_value" in cfg.objectives else "none",
         "gene_head": kind == "rank" or "masked_gene" in cfg.objectives,
         "mvc_head": "mvc" in cfg.objectives,
+        "domain_names": tags.domain_names if "batch_adversary" in cfg.objectives else None,
     }
     try:
-        config = config_for_tokenizer(tokenizer, n_conditions=n_conditions, **{**heads, **cfg.model})
+        config = config_for_tokenizer(tokenizer, n_conditions=len(tags.condition_names), **{**heads, **cfg.model})
     except ValueError as err:
         raise InputError(str(err)) from err
     return CellTransformerForPretraining(config)
 
 
-def make_batch(cells: TokenizedCells, rows: np.ndarray, conditions: np.ndarray, tokenizer: CellTokenizer, cfg: PretrainConfig,
+def make_batch(cells: TokenizedCells, rows: np.ndarray, tags: CellTags, tokenizer: CellTokenizer, cfg: PretrainConfig,
                model_config, generator: torch.Generator) -> dict[str, torch.Tensor]:
     batch = collate(cells, rows, cls_id=tokenizer.vocab.cls_id, pad_id=tokenizer.vocab.pad_id,
                     max_width=1 + tokenizer.config.max_seq_len)  # known here: no pass over every cell per batch
     if model_config.n_conditions:
-        batch["conditions"] = torch.from_numpy(conditions[rows])
+        batch["conditions"] = torch.from_numpy(tags.conditions[rows])
+    if model_config.domain_names:
+        batch["domains"] = torch.from_numpy(tags.domains[rows])
     return mask_for_model(batch, tokenizer, cfg, model_config, generator)
 
 
@@ -259,44 +283,55 @@ def mask_for_model(batch, tokenizer: CellTokenizer, cfg: PretrainConfig, model_c
                       mask_token_id=tokenizer.vocab.mask_id, mask_genes=tokenizer.config.kind == "rank", generator=generator)
 
 
-def next_train_batch(order, cells, train_rows, conditions, tokenizer, cfg, model_config, generator) -> dict[str, torch.Tensor]:
+def next_train_batch(order, cells, train_rows, tags, tokenizer, cfg, model_config, generator) -> dict[str, torch.Tensor]:
     """The next training micro-batch: streamed from a corpus, or gathered from the in-memory cells."""
     if isinstance(order, CorpusLoader):
         batch = order.next_batch()
         if not model_config.n_conditions:
             batch.pop("conditions", None)
+        if not model_config.domain_names:
+            batch.pop("domains", None)
         return mask_for_model(batch, tokenizer, cfg, model_config, generator)
-    return make_batch(cells, train_rows[order.next()], conditions, tokenizer, cfg, model_config, generator)
+    return make_batch(cells, train_rows[order.next()], tags, tokenizer, cfg, model_config, generator)
 
 
 @torch.no_grad()
-def evaluate(model, engine: BaseEngine, cells, rows, conditions, tokenizer, cfg, model_config) -> dict[str, float]:
-    """Held-out masked losses (sum over targets / number of targets), each rank taking every N-th batch."""
+def evaluate(model, engine: BaseEngine, cells, rows, tags, tokenizer, cfg, model_config) -> dict[str, float]:
+    """Held-out masked losses (sum over targets / number of targets), each rank taking every N-th batch; with the
+    batch adversary, the share of held-out cells whose domain it names (``eval/domain_accuracy``, kept out of
+    ``eval/loss``: it measures what the encoder failed to hide)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}  # on the device, read once at the end
     count = torch.zeros((), dtype=torch.float64)
+    named = torch.zeros(2, dtype=torch.float64)  # domains named right, cells asked
     batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][: cfg.eval_batches]
     for first in range(0, len(batches), engine.world_size):
         i = first + engine.rank
         # under fsdp / ZeRO-3 every forward gathers weights from all ranks: all ranks run every round,
         # and a rank without a batch in the last round repeats one and discards it
         j = min(i, len(batches) - 1)
-        batch = make_batch(cells, batches[j], conditions, tokenizer, cfg, model_config, step_generator(cfg.seed, 2**31, j, 0))
+        batch = make_batch(cells, batches[j], tags, tokenizer, cfg, model_config, step_generator(cfg.seed, 2**31, j, 0))
         with engine.autocast():
             out = model(**model_inputs(batch, engine.device), loss_normalizer=1.0, objective_weights=cfg.objectives)
         if i >= len(batches):
             continue
         for name, term in out.loss_terms.items():
-            sums[name] = sums.get(name, 0.0) + term.detach().double()
+            if name != "batch_adversary":
+                sums[name] = sums.get(name, 0.0) + term.detach().double()
         count += batch["target_mask"].sum()
+        if "domain_logits" in out.extras:
+            hits = (out.extras["domain_logits"].argmax(1).cpu() == batch["domains"]).sum()
+            named += torch.stack([hits.double(), torch.tensor(len(batches[j]), dtype=torch.float64)])
     model.train()
     names = sorted(sums) or [n for n in ("masked_value", "masked_gene", "mvc") if n in cfg.objectives]
     zero = torch.zeros((), dtype=torch.float64, device=engine.device)
     stacked = torch.stack([sums.get(n, zero).to(engine.device) for n in names] + [count.to(engine.device)])
-    stacked = engine.sum_across_ranks(stacked).cpu()
-    total = float(stacked[-1]) or 1.0
+    stacked = engine.sum_across_ranks(torch.cat([stacked, named.to(engine.device)])).cpu()
+    total = float(stacked[-3]) or 1.0
     out = {f"eval/{n}": float(stacked[i]) / total for i, n in enumerate(names)}
     out["eval/loss"] = sum(out.values())
+    if model_config.domain_names:
+        out["eval/domain_accuracy"] = float(stacked[-2]) / max(float(stacked[-1]), 1.0)
     return out
 
 
@@ -366,7 +401,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
 
     # data and tokenizer: a corpus folder is streamed from disk; h5ad files are tokenized in memory
     if len(cfg.data) == 1 and is_corpus(cfg.data[0]):
-        tokenizer, order, cells, conditions, condition_names = load_corpus(cfg, engine.rank, engine.world_size, log)
+        tokenizer, order, cells, tags = load_corpus(cfg, engine.rank, engine.world_size, log)
         train_rows, eval_rows, n_train = None, np.arange(len(cells)), order.n_train_cells
         cfg, decision = adopt_corpus_tokenizer(cfg, tokenizer)
         if decision:  # printed, and recorded in config.json and the exported model's manifest
@@ -378,15 +413,15 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
     else:
         inputs = _open(cfg)
         tokenizer = make_tokenizer(cfg, inputs)
-        cells, conditions, condition_names = load_cells(cfg, tokenizer, inputs, log)
+        cells, tags = load_cells(cfg, tokenizer, inputs, log)
         train_rows, eval_rows = split_rows(len(cells), cfg.eval_fraction, cfg.seed)
         n_train = len(train_rows)
         order = BatchOrder(n_train, cfg.batch_size, seed=cfg.seed, rank=engine.rank, world_size=engine.world_size)
 
     # model, optimizer, schedule
-    model = make_model(cfg, tokenizer, len(condition_names))
+    model = make_model(cfg, tokenizer, tags)
     seed_rank(cfg.seed, engine.rank)  # the same initial weights on every rank, but not the same dropout
-    model.config.condition_names = condition_names
+    model.config.condition_names = tags.condition_names
     model_config = model.config
     log(f"model: {count_parameters(model):,} parameters ({model_config.n_layers} layers, d_model {model_config.d_model}); "
         f"{n_train:,} training and {len(eval_rows):,} held-out cells; {engine.world_size} process(es) on {engine.device}")
@@ -409,7 +444,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
         log(f"resumed from {checkpoint} at step {step}")
 
     if step == 0 and len(eval_rows):  # the untrained model's held-out loss, the baseline to improve on
-        metrics = evaluate(model, engine, cells, eval_rows, conditions, tokenizer, cfg, model_config)
+        metrics = evaluate(model, engine, cells, eval_rows, tags, tokenizer, cfg, model_config)
         log.metrics(0, metrics)
         log(f"step 0: eval loss {metrics['eval/loss']:.4f}")
     model.train()
@@ -417,7 +452,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
         tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
         while step < cfg.max_steps:
             micro_batches = [
-                next_train_batch(order, cells, train_rows, conditions, tokenizer, cfg, model_config,
+                next_train_batch(order, cells, train_rows, tags, tokenizer, cfg, model_config,
                                  step_generator(cfg.seed, step, micro * engine.world_size + engine.rank, 0))
                 for micro in range(cfg.grad_accum)
             ]
@@ -467,7 +502,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
                 log(f"step {step}: loss {metrics['train/loss']:.4f}, {metrics['cells_per_s']:.0f} cells/s", logging.DEBUG)
                 tick, cells_seen, tokens_seen, flops_seen = time.perf_counter(), 0, 0.0, 0.0
             if len(eval_rows) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                metrics = evaluate(model, engine, cells, eval_rows, conditions, tokenizer, cfg, model_config)
+                metrics = evaluate(model, engine, cells, eval_rows, tags, tokenizer, cfg, model_config)
                 log.metrics(step, metrics)
                 log(f"step {step}: eval loss {metrics['eval/loss']:.4f}")
             if step % cfg.save_every == 0 or step == cfg.max_steps:

@@ -68,3 +68,64 @@ def test_pretraining_vocabulary_can_keep_only_genes_that_are_tokens(sim_adata):
     every, tokens = vocab(vocab_min_cells=1), vocab(vocab_min_cells=1, vocab_min_token_cells=1)
     assert set(tokens.genes) < set(every.genes)  # 16 genes per cell leave some expressed genes out
     assert len(tokens.genes) > 16
+
+
+def test_batch_adversary_objective_and_its_domains_go_together():
+    with pytest.raises(ValueError, match="adversary_key"):
+        PretrainConfig(objectives={"masked_value": 1.0, "batch_adversary": 0.1})
+    with pytest.raises(ValueError, match="batch_adversary objective and adversary_key go together"):
+        PretrainConfig(adversary_key="batch")
+    with pytest.raises(ValueError, match="trains nothing to keep"):
+        PretrainConfig(adversary_key="batch", objectives={"batch_adversary": 1.0})
+
+
+def test_batch_adversary_reverses_the_gradient_the_encoder_gets():
+    """The discriminator learns to name the domain; the encoder gets exactly the opposite gradient (scGPT's DAB)."""
+    import torch
+    import torch.nn.functional as F
+
+    from atlasformer.model_zoo import CellTransformerConfig
+
+    config = CellTransformerConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, dropout=0.0,
+                                   domain_names=["a", "b", "c"])
+    model = CellTransformerForPretraining(config)
+    inputs = dict(input_ids=torch.randint(3, 20, (6, 8)), values=torch.randint(0, 51, (6, 8)).float(),
+                  attention_mask=torch.ones(6, 8, dtype=torch.bool))
+    domains = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = model(**inputs, target_mask=torch.zeros(6, 8, dtype=torch.bool), domains=domains,
+                objective_weights={"batch_adversary": 0.5})
+    assert set(out.loss_terms) == {"batch_adversary"}
+    out.loss.backward()
+    reversed_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    plain = 0.5 * F.cross_entropy(model.domain_head(model.backbone(**inputs).cell_embedding), domains)
+    plain.backward()
+    assert torch.allclose(plain, out.loss)
+    for name, p in model.named_parameters():
+        if p.grad is None or not p.grad.abs().sum():
+            continue
+        sign = 1.0 if name.startswith("domain_head") else -1.0
+        assert torch.allclose(reversed_grads[name], sign * p.grad, atol=1e-6), name
+
+
+def test_pretraining_with_a_batch_adversary_on_the_input_files(tmp_path, sim_adata):
+    paths = []
+    for name, cells in [("first.h5ad", slice(0, 300)), ("second.h5ad", slice(300, 600))]:
+        paths.append(tmp_path / name)
+        sim_adata[cells].copy().write_h5ad(paths[-1])
+    cfg = PretrainConfig(data=tuple(map(str, paths)), output=str(tmp_path / "run"),
+                         model={"d_model": 32, "n_layers": 1, "n_heads": 2}, tokenizer=TokenizerConfig(max_seq_len=64),
+                         max_steps=4, batch_size=8, eval_every=2, eval_batches=4, save_every=4, warmup_steps=1,
+                         log_every=1, adversary_key="source", objectives={"masked_value": 1.0, "batch_adversary": 0.1})
+    model_dir = train(cfg)
+    model, _ = load_model_folder(model_dir)
+    assert model.config.domain_names == ["first", "second"] and model.domain_head.out.out_features == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/batch_adversary"] > 0 for r in rows if "train/loss" in r)
+    evals = [r for r in rows if "eval/loss" in r]
+    assert all(0 <= r["eval/domain_accuracy"] <= 1 for r in evals)
+    # the held-out loss stays the masked losses alone, comparable with a run without the adversary
+    assert all(r["eval/loss"] == pytest.approx(r["eval/masked_value"]) for r in evals)
+    # an obs column as the domains: the batches, and a file without the column is named
+    with pytest.raises(InputError, match=r"\['nope'\] not in obs.*source for the input file"):
+        train(PretrainConfig(**{**cfg.__dict__, "output": str(tmp_path / "run2"), "adversary_key": "nope"}))

@@ -109,7 +109,7 @@ def test_held_out_blocks_never_reach_training_and_conditions_match_obs(corpus_di
     load = CorpusLoader(corpus, 8, seed=0, config=LoaderConfig(**SMALL), eval_fraction=0.1, condition_keys=("batch",))
     held = {int(c) for s, a, b in load.eval_blocks for c in range(corpus.shard_starts[s] + a, corpus.shard_starts[s] + b)}
     assert len(held) == 4 * 16 and load.n_train_cells == N_CELLS - 64
-    eval_cells, _ = load.eval_cells(40)
+    eval_cells, _, _ = load.eval_cells(40)
     assert len(eval_cells) == 40 and set(eval_cells.cell_index) <= held
     batch_of_cell = {}
     for shard in range(len(corpus.shards)):
@@ -168,3 +168,34 @@ def test_two_processes_stream_disjoint_shares_and_resuming_with_one_is_refused(c
     assert [s["readers"] for s in states] == [[{"epoch": 0, "buffer": 0, "batch": 3}]] * 2
     assert cli_main(["pretrain", *args[:-1], "max_steps=5", "--resume"]) == 2
     assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["batch", "source"])
+def test_domains_of_the_batch_adversary_match_obs_or_the_input_file(corpus_dir, key):
+    corpus = Corpus(corpus_dir)
+    load = CorpusLoader(corpus, 8, seed=0, config=LoaderConfig(**SMALL), eval_fraction=0.1, domain_key=key)
+    expected = sorted({f"batch_{i}" for i in range(3)}) if key == "batch" else ["sim"]
+    assert load.domain_names == expected
+    truth = {}
+    for shard in range(len(corpus.shards)):
+        obs = corpus.obs(shard)
+        names = obs["batch"].astype(str) if key == "batch" else obs["source"].map(lambda i: corpus.source_names()[i])
+        truth.update(zip(range(corpus.shard_starts[shard], corpus.shard_starts[shard + 1]), names))
+    for _ in range(5):
+        batch = load.next_batch()
+        assert "conditions" not in batch
+        assert [load.domain_names[d] for d in batch["domains"].numpy()] == [truth[i] for i in batch["cell_ids"].numpy()]
+    cells, _, domains = load.eval_cells(40)
+    assert [load.domain_names[d] for d in domains] == [truth[i] for i in cells.cell_index]
+
+
+def test_pretrain_from_a_corpus_with_a_batch_adversary(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    assert cli_main(["pretrain", "--data", str(corpus_dir), "--output", str(run), "model=tiny", "batch_size=8",
+                     "warmup_steps=1", "eval_every=2", "eval_batches=2", "log_every=1", "loader.block_size=16",
+                     "loader.buffer_size=64", "threads=1", "max_steps=2", "adversary_key=batch",
+                     "objectives={masked_value: 1.0, batch_adversary: 0.1}"]) == 0
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["domain_names"] == ["batch_0", "batch_1", "batch_2"] and config["n_conditions"] == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/batch_adversary" in r for r in rows) and any("eval/domain_accuracy" in r for r in rows)

@@ -92,15 +92,20 @@ def split_blocks(blocks: np.ndarray, eval_fraction: float, seed: int) -> tuple[n
 
 
 def condition_table(corpus: Corpus, keys: list[str]) -> tuple[list[str], list[dict[str, int]]]:
-    """Condition names and, per key, value -> id; as pretraining's table (one key: plain values)."""
+    """Condition names and, per key, value -> id; as pretraining's table (one key: plain values). The key
+    ``source``, unless the corpus stores such an obs column, is each cell's input file."""
     names, lookups = [], []
+    stored = corpus.manifest.get("obs_values", {})
     for key in keys:
-        if key not in corpus.manifest.get("obs_values", {}):
-            stored = list(corpus.manifest.get("obs_values", {}))
-            raise InputError(f"{corpus.path}: the corpus stores no obs column {key!r} (it has {stored}); rebuild it "
-                             f"with --batch-key / --labels-key {key}.")
-        values = corpus.manifest["obs_values"][key]
-        lookups.append({v: len(names) + i for i, v in enumerate(values)})
+        if key == "source" and key not in stored:  # the per-cell index into the corpus's inputs
+            values = corpus.source_names()
+            lookups.append({str(i): len(names) + i for i in range(len(values))})
+        elif key not in stored:
+            raise InputError(f"{corpus.path}: the corpus stores no obs column {key!r} (it has {list(stored)}); rebuild "
+                             f"it with --batch-key / --labels-key {key}, or use source for each cell's input file.")
+        else:
+            values = stored[key]
+            lookups.append({v: len(names) + i for i, v in enumerate(values)})
         names += values if len(keys) == 1 else [f"{key}={v}" for v in values]
     return names, lookups
 
@@ -112,23 +117,27 @@ class CorpusStream(IterableDataset):
     """
 
     def __init__(self, corpus: Corpus, blocks: np.ndarray, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, config: LoaderConfig = LoaderConfig(), condition_keys: tuple[str, ...] = ()):
+                 world_size: int = 1, config: LoaderConfig = LoaderConfig(), condition_keys: tuple[str, ...] = (),
+                 domain_key: str | None = None):
         self.corpus, self.blocks, self.batch_size, self.seed = corpus, blocks, batch_size, seed
         self.rank, self.world_size, self.config = rank, world_size, config
         self.n_local = max(1, config.num_workers)
         self.n_readers = world_size * self.n_local
         self.condition_keys = list(condition_keys)
         self.condition_names, self._lookups = condition_table(corpus, self.condition_keys)
+        self.domain_key = domain_key
+        self.domain_names, self._domain_lookups = condition_table(corpus, [domain_key]) if domain_key else ([], [])
         self.blocks_per_buffer = max(1, config.buffer_size // config.block_size)
         self.start_states = [{"epoch": 0, "buffer": 0, "batch": 0} for _ in range(self.n_local)]
         self.rotation = 0
         self._codes: dict[int, np.ndarray] = {}
+        self._domain_codes: dict[int, np.ndarray] = {}
         if len(blocks) < self.n_readers:
             raise InputError(f"{corpus.path}: {len(blocks)} blocks of {config.block_size} cells for {self.n_readers} readers "
                              "(processes x workers); lower loader.block_size or loader.num_workers.")
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_codes": {}}
+        return {**self.__dict__, "_codes": {}, "_domain_codes": {}}
 
     # ---------------------------------------------------------------- plan
     def reader_blocks(self, reader: int, epoch: int) -> np.ndarray:
@@ -139,29 +148,41 @@ class CorpusStream(IterableDataset):
     def n_buffers(self, reader: int) -> int:
         return -(-len(self.blocks[reader :: self.n_readers]) // self.blocks_per_buffer)
 
-    def buffer(self, reader: int, epoch: int, index: int) -> tuple[TokenizedCells, np.ndarray, np.ndarray]:
-        """Cells of one buffer, their condition ids, and its batches as (batches, batch_size) rows."""
+    def buffer(self, reader: int, epoch: int, index: int) -> tuple[TokenizedCells, dict[str, np.ndarray], np.ndarray]:
+        """Cells of one buffer, their condition (and domain) ids by name, and its batches as (batches, batch_size)
+        rows."""
         blocks = self.reader_blocks(reader, epoch)[index * self.blocks_per_buffer : (index + 1) * self.blocks_per_buffer]
         cells = self.corpus.read_blocks(blocks)
-        conditions = np.concatenate([self._conditions(int(s))[a:b] for s, a, b in blocks]) if self.condition_keys \
-            else np.zeros(len(cells), dtype=np.int64)
+        tags = {}
+        if self.condition_keys:
+            tags["conditions"] = np.concatenate([self._conditions(int(s))[a:b] for s, a, b in blocks])
+        if self.domain_key:
+            tags["domains"] = np.concatenate([self._domains(int(s))[a:b] for s, a, b in blocks])
         rng = np.random.default_rng([self.seed, epoch, reader, index])
         n_batches = len(cells) // self.batch_size
         order = rng.permutation(len(cells))[: n_batches * self.batch_size]
         if self.config.length_grouping:
             order = order[np.argsort(cells.lengths[order], kind="stable")]
         batches = order.reshape(n_batches, self.batch_size)[rng.permutation(n_batches)]
-        return cells, conditions, batches
+        return cells, tags, batches
 
     def _conditions(self, shard: int) -> np.ndarray:
         """(cells,) or (cells, keys) condition ids of one shard's cells (read once per shard)."""
         if shard not in self._codes:
-            obs = self.corpus.obs(shard, columns=list(dict.fromkeys(self.condition_keys)))
-            columns = [obs[key].astype(str).map(lookup).fillna(-1).to_numpy(dtype=np.int64)
-                       for key, lookup in zip(self.condition_keys, self._lookups)]
-            codes = np.stack(columns, axis=1)
-            self._codes[shard] = codes[:, 0] if len(columns) == 1 else codes
+            self._codes[shard] = self._ids(shard, self.condition_keys, self._lookups)
         return self._codes[shard]
+
+    def _domains(self, shard: int) -> np.ndarray:
+        """(cells,) ids of one shard's cells among ``domain_names`` (read once per shard)."""
+        if shard not in self._domain_codes:
+            self._domain_codes[shard] = self._ids(shard, [self.domain_key], self._domain_lookups)
+        return self._domain_codes[shard]
+
+    def _ids(self, shard: int, keys: list[str], lookups: list[dict[str, int]]) -> np.ndarray:
+        obs = self.corpus.obs(shard, columns=list(dict.fromkeys(keys)))
+        columns = [obs[key].astype(str).map(lookup).fillna(-1).to_numpy(dtype=np.int64) for key, lookup in zip(keys, lookups)]
+        codes = np.stack(columns, axis=1)
+        return codes[:, 0] if len(columns) == 1 else codes
 
     # ---------------------------------------------------------------- iteration
     def iter_reader(self, local: int, state: dict):
@@ -172,13 +193,12 @@ class CorpusStream(IterableDataset):
         while True:
             from_start, n_yielded = first == 0 and skip == 0, 0
             for index in range(first, self.n_buffers(reader)):
-                cells, conditions, batches = self.buffer(reader, epoch, index)
+                cells, tags, batches = self.buffer(reader, epoch, index)
                 for j in range(skip, len(batches)):
                     rows = batches[j]
                     batch = collate(cells, rows, cls_id=vocab.cls_id, pad_id=vocab.pad_id)
                     batch["cell_ids"] = torch.from_numpy(cells.cell_index[rows])
-                    if self.condition_keys:
-                        batch["conditions"] = torch.from_numpy(conditions[rows])
+                    batch.update({name: torch.from_numpy(ids[rows]) for name, ids in tags.items()})
                     last = j + 1 == len(batches)
                     after = {"epoch": epoch, "buffer": index + 1 if last else index, "batch": 0 if last else j + 1}
                     n_yielded += 1
@@ -224,16 +244,19 @@ class CorpusLoader:
         first cells of one more block when needed (:func:`split_blocks`).
     condition_keys
         Corpus obs columns returned as ``batch["conditions"]`` ids.
+    domain_key
+        Corpus obs column (or ``source``, the input file) returned as ``batch["domains"]`` ids (``domain_names``).
     """
 
     def __init__(self, corpus: Corpus | str, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 config: LoaderConfig = LoaderConfig(), eval_fraction: float = 0.0, condition_keys: tuple[str, ...] = ()):
+                 config: LoaderConfig = LoaderConfig(), eval_fraction: float = 0.0, condition_keys: tuple[str, ...] = (),
+                 domain_key: str | None = None):
         self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
         self.batch_size, self.seed, self.config, self.world_size = batch_size, seed, config, world_size
         self.eval_fraction = eval_fraction
         self.train_blocks, self.eval_blocks = split_blocks(corpus_blocks(self.corpus, config.block_size), eval_fraction, seed)
         self.stream = CorpusStream(self.corpus, self.train_blocks, batch_size, seed=seed, rank=rank, world_size=world_size,
-                                   config=config, condition_keys=condition_keys)
+                                   config=config, condition_keys=condition_keys, domain_key=domain_key)
         self.reader_states = [dict(s) for s in self.stream.start_states]
         self.next_reader = 0
         self.real_tokens = self.padded_slots = 0
@@ -243,6 +266,10 @@ class CorpusLoader:
     @property
     def condition_names(self) -> list[str]:
         return self.stream.condition_names
+
+    @property
+    def domain_names(self) -> list[str]:
+        return self.stream.domain_names
 
     @property
     def n_train_cells(self) -> int:
@@ -263,7 +290,7 @@ class CorpusLoader:
         return iter(self._dataloader)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next batch: input_ids, values, attention_mask, rows, cell_ids (global) [, conditions]."""
+        """The next batch: input_ids, values, attention_mask, rows, cell_ids (global) [, conditions] [, domains]."""
         if self._iterator is None:
             self._iterator = self._start()
         try:
@@ -277,9 +304,9 @@ class CorpusLoader:
         self.padded_slots += batch["attention_mask"].numel()
         return batch
 
-    def eval_cells(self, max_cells: int) -> tuple[TokenizedCells, np.ndarray]:
-        """Up to ``max_cells`` held-out cells (in block order) and their condition ids, in memory."""
-        parts, conditions, n = [], [], 0
+    def eval_cells(self, max_cells: int) -> tuple[TokenizedCells, np.ndarray, np.ndarray]:
+        """Up to ``max_cells`` held-out cells (in block order), their condition ids and their domain ids, in memory."""
+        parts, conditions, domains, n = [], [], [], 0
         for shard, start, stop in self.eval_blocks:
             if n >= max_cells:
                 break
@@ -287,10 +314,12 @@ class CorpusLoader:
             parts.append(self.corpus.read(int(shard), int(start), stop))
             if self.stream.condition_keys:
                 conditions.append(self.stream._conditions(int(shard))[start:stop])
+            if self.stream.domain_key:
+                domains.append(self.stream._domains(int(shard))[start:stop])
             n += stop - int(start)
         cells = TokenizedCells.concatenate(parts)
-        ids = np.concatenate(conditions) if conditions else np.zeros(len(cells), dtype=np.int64)
-        return cells, ids
+        empty = np.zeros(len(cells), dtype=np.int64)
+        return cells, np.concatenate(conditions) if conditions else empty, np.concatenate(domains) if domains else empty
 
     def state_dict(self) -> dict:
         return {
