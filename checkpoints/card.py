@@ -45,6 +45,8 @@ def model_card(model, tokenizer: CellTokenizer, run_config: dict, summary: dict 
         f"- objectives: {run_config.get('objectives', {})}",
         f"- steps: {run_config.get('max_steps', 'n/a')}",
     ]
+    if getattr(cfg, "domain_names", None):  # pretrained with the batch adversary
+        lines.insert(-1, f"- batch adversary on {run_config.get('adversary_key')}: {len(cfg.domain_names)} domains")
     if getattr(cfg, "task", None):
         lines += ["", "## Fine-tuned task", f"- task: {cfg.task}", f"- base model: {base or 'none (from scratch)'}"]
         if getattr(cfg, "id2label", None):

@@ -120,6 +120,7 @@ def test_pretraining_with_a_batch_adversary_on_the_input_files(tmp_path, sim_ada
     model_dir = train(cfg)
     model, _ = load_model_folder(model_dir)
     assert model.config.domain_names == ["first", "second"] and model.domain_head.out.out_features == 2
+    assert "- batch adversary on source: 2 domains" in (model_dir / "README.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train/batch_adversary"] > 0 for r in rows if "train/loss" in r)
     evals = [r for r in rows if "eval/loss" in r]
