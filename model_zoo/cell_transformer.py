@@ -77,6 +77,9 @@ class CellTransformerConfig(PretrainedConfig):
         Pretraining: the domains (input files, technologies, batches) a discriminator on the cell embedding
         learns to tell apart while the encoder, through gradient reversal, learns to hide them (scGPT's DAB,
         applied during pretraining); None: no adversary.
+    domain_hidden_layers
+        Hidden layers of that discriminator (0: linear, which the encoder then beats only by removing every
+        direction that names the domain linearly).
     readout
         Fine-tuned heads: ``"mlp"`` (scGPT's ClsDecoder) or ``"linear"`` over [standardised cell embedding;
         expression features], which a closed-form fit (logistic or ridge regression) can set.
@@ -142,6 +145,7 @@ class CellTransformerConfig(PretrainedConfig):
         embedding_dropout: Literal["sum", "values"] = "sum",
         mvc_head: bool = False,
         domain_names: list[str] | None = None,
+        domain_hidden_layers: int = 1,
         readout: Literal["mlp", "linear"] = "mlp",
         expression_genes: list[str] | None = None,
         expression_components: int = 0,
@@ -185,6 +189,7 @@ class CellTransformerConfig(PretrainedConfig):
         self.embedding_dropout = embedding_dropout
         self.mvc_head = mvc_head
         self.domain_names = list(domain_names) if domain_names else None
+        self.domain_hidden_layers = int(domain_hidden_layers)
         self.readout = readout
         self.expression_genes = list(expression_genes or [])
         self.expression_components = int(expression_components)
@@ -607,7 +612,8 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
         self.gene_head = GeneHead(config) if config.gene_head else None
         self.mvc_head = MVCHead(config) if config.mvc_head else None
         domains = config.domain_names or []
-        self.domain_head = ClassifierHead(config.d_model, len(domains), n_hidden=1, dropout=config.dropout) if domains else None
+        self.domain_head = ClassifierHead(config.d_model, len(domains), n_hidden=config.domain_hidden_layers,
+                                          dropout=config.dropout) if domains else None
         self.objective_weights = objective_weights
         self.post_init()
 
@@ -688,7 +694,9 @@ class CellTransformerForPretraining(CellTransformerPreTrainedModel):
             # the head learns to name each cell's domain; the reversed gradient teaches the encoder to hide it.
             # A mean over cells, so its weight reads as that of the per-target means above.
             extras["domain_logits"] = domain_logits = self.domain_head(grad_reverse(cell))  # (batch, n_domains)
-            terms["batch_adversary"] = weights["batch_adversary"] * F.cross_entropy(domain_logits.float(), domains.long())
+            # a cell without a domain (-1: a missing value in a corpus column) is not asked
+            per_cell = F.cross_entropy(domain_logits.float(), domains.long(), ignore_index=-1, reduction="none")
+            terms["batch_adversary"] = weights["batch_adversary"] * per_cell.sum() / (domains >= 0).sum().clamp(min=1)
         loss = sum(terms.values()) if terms else None
         return CellModelOutput(loss=loss, loss_terms=terms, logits=logits, cell_embedding=cell, hidden_states=hidden,
                                extras=extras, attentions=out.attentions)

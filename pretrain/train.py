@@ -245,8 +245,8 @@ def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, tags: CellTags) ->
         if not isinstance(model, CellTransformerForPretraining):
             raise InputError(f"{cfg.init_from}: init_from must be a pretrained (not fine-tuned) model folder.")
         if tags.domain_names and (model.config.domain_names or []) != tags.domain_names:
-            raise InputError(f"{cfg.init_from} has domains {model.config.domain_names} for the batch adversary, the "
-                             f"data {tags.domain_names}: continue on the same domains or start from random weights.")
+            raise InputError(f"{cfg.init_from} has domains {model.config.domain_names or 'none'} for the batch adversary, "
+                             f"the data {tags.domain_names}: continue on the same domains or start from random weights.")
         return model
     known = set(CellTransformerConfig().to_dict())
     unknown = set(cfg.model) - known
@@ -320,8 +320,9 @@ def evaluate(model, engine: BaseEngine, cells, rows, tags, tokenizer, cfg, model
                 sums[name] = sums.get(name, 0.0) + term.detach().double()
         count += batch["target_mask"].sum()
         if "domain_logits" in out.extras:
-            hits = (out.extras["domain_logits"].argmax(1).cpu() == batch["domains"]).sum()
-            named += torch.stack([hits.double(), torch.tensor(len(batches[j]), dtype=torch.float64)])
+            known = batch["domains"] >= 0
+            hits = (out.extras["domain_logits"].argmax(1).cpu() == batch["domains"])[known].sum()
+            named += torch.stack([hits, known.sum()]).double()
     model.train()
     names = sorted(sums) or [n for n in ("masked_value", "masked_gene", "mvc") if n in cfg.objectives]
     zero = torch.zeros((), dtype=torch.float64, device=engine.device)

@@ -106,6 +106,14 @@ def test_batch_adversary_reverses_the_gradient_the_encoder_gets():
             continue
         sign = 1.0 if name.startswith("domain_head") else -1.0
         assert torch.allclose(reversed_grads[name], sign * p.grad, atol=1e-6), name
+    # a cell without a domain (-1) is left out of the mean
+    partial = torch.tensor([0, -1, 2, -1, 1, 2])
+    out = model(**inputs, target_mask=torch.zeros(6, 8, dtype=torch.bool), domains=partial,
+                objective_weights={"batch_adversary": 1.0})
+    logits = model.domain_head(model.backbone(**inputs).cell_embedding)
+    assert torch.allclose(out.loss, F.cross_entropy(logits[partial >= 0], partial[partial >= 0]))
+    linear = CellTransformerForPretraining(CellTransformerConfig(**{**config.to_dict(), "domain_hidden_layers": 0}))
+    assert len(linear.domain_head.hidden) == 0 and linear.domain_head.out.in_features == 16
 
 
 def test_pretraining_with_a_batch_adversary_on_the_input_files(tmp_path, sim_adata):
