@@ -239,14 +239,17 @@ def condition_ids(labels: np.ndarray, keys: list[str]) -> tuple[np.ndarray, list
     return (ids[:, 0] if len(keys) == 1 else ids), names
 
 
-def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, tags: CellTags) -> CellTransformerForPretraining:
+def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, n_conditions: int,
+               domain_names: list[str] | None = None) -> CellTransformerForPretraining:
+    """A new model for ``tokenizer`` (or ``init_from``'s), with ``n_conditions`` condition tokens and, with the
+    ``batch_adversary`` objective, a discriminator over ``domain_names``."""
     if cfg.init_from:
         model, _ = load_model_folder(cfg.init_from)
         if not isinstance(model, CellTransformerForPretraining):
             raise InputError(f"{cfg.init_from}: init_from must be a pretrained (not fine-tuned) model folder.")
-        if tags.domain_names and (model.config.domain_names or []) != tags.domain_names:
+        if domain_names and (model.config.domain_names or []) != list(domain_names):
             raise InputError(f"{cfg.init_from} has domains {model.config.domain_names or 'none'} for the batch adversary, "
-                             f"the data {tags.domain_names}: continue on the same domains or start from random weights.")
+                             f"the data {domain_names}: continue on the same domains or start from random weights.")
         return model
     known = set(CellTransformerConfig().to_dict())
     unknown = set(cfg.model) - known
@@ -258,10 +261,10 @@ def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, tags: CellTags) ->
         "value_head": VALUE_HEAD[kind] if "masked_value" in cfg.objectives else "none",
         "gene_head": kind == "rank" or "masked_gene" in cfg.objectives,
         "mvc_head": "mvc" in cfg.objectives,
-        "domain_names": tags.domain_names if "batch_adversary" in cfg.objectives else None,
+        "domain_names": domain_names if "batch_adversary" in cfg.objectives else None,
     }
     try:
-        config = config_for_tokenizer(tokenizer, n_conditions=len(tags.condition_names), **{**heads, **cfg.model})
+        config = config_for_tokenizer(tokenizer, n_conditions=n_conditions, **{**heads, **cfg.model})
     except ValueError as err:
         raise InputError(str(err)) from err
     return CellTransformerForPretraining(config)
@@ -420,7 +423,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, run_config: dict | None 
         order = BatchOrder(n_train, cfg.batch_size, seed=cfg.seed, rank=engine.rank, world_size=engine.world_size)
 
     # model, optimizer, schedule
-    model = make_model(cfg, tokenizer, tags)
+    model = make_model(cfg, tokenizer, len(tags.condition_names), tags.domain_names)
     seed_rank(cfg.seed, engine.rank)  # the same initial weights on every rank, but not the same dropout
     model.config.condition_names = tags.condition_names
     model_config = model.config
