@@ -13,6 +13,7 @@ Compute is counted as training FLOPs on non-pad tokens (``flops_seen`` in the ru
 beside it with the thread count. Points already in the JSON are kept (delete a point's entry to rerun it).
 
 Usage: python benchmarks/pretraining_curve.py [--points steps-1000 steps-2000 ...] [--reuse steps-4000=RUN_DIR]
+       python benchmarks/pretraining_curve.py --reread-probes [--reprobe POINT=MODEL_DIR ...]  (stored points only)
 Results go to benchmarks/results/pretraining_curve.{md,json}; runs to benchmarks/checkpoints/curve/<point>/.
 """
 
@@ -91,14 +92,28 @@ def pretrain(point: str, run_dir: Path, data: Path, threads: int) -> float:
 
 
 def probe(model_dir: Path, data: Path, out: Path, threads: int) -> dict:
-    """Kang annotation (seed 0) from the embedding alone: {method: {metric: value}}."""
+    """Kang annotation (seed 0) from the embedding alone: {method: {metric: value}}, each the mean over the
+    held-out donors."""
     cmd = [AF, "benchmark", "--task", "annotation",
            "--data", str(data / "kang_pbmc_8donors.h5ad"), "--labels-key", "cell_type", "--batch-key", "batch",
            "--methods", *PROBES, "--model", str(model_dir), "--seeds", "0", "--output", str(out), f"threads={threads}"]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=subprocess.DEVNULL)
+    return read_probe(out)
+
+
+PROBE_SCOPE = "mean over the held-out donors"
+
+
+LEGACY_FOLD = "1488"  # the last held-out donor: the probe figure the script read before 2026-12-06
+
+
+def read_probe(out: Path, fold: str | None = None) -> dict:
+    """{method: {metric: value}} of a probe's results.json: the rows over all held-out donors, or one donor's
+    (``fold``)."""
     scores: dict = {}
     for row in json.loads((out / "results.json").read_text()):
-        scores.setdefault(row["method"], {})[row["metric"]] = row["value"]
+        if row.get("fold") == fold:
+            scores.setdefault(row["method"], {})[row["metric"]] = row["value"]
     return scores
 
 
@@ -120,19 +135,34 @@ def write_markdown(record: dict, path: Path) -> None:
              "| point | overrides | parameters | steps | training TFLOPs | wall time (min) | held-out loss | "
              "masked value | MVC | kNN accuracy | kNN macro-F1 | logistic accuracy | logistic macro-F1 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    one_fold = []
     for name, p in record["points"].items():
         knn, lin = p["probes"].get("atlasformer_zeroshot", {}), p["probes"].get("atlasformer_no_expression", {})
+        starred = p.get("probe_scope") != PROBE_SCOPE
+        one_fold += [name] if starred else []
         lines.append(
-            f"| {name} | {' '.join(POINTS.get(name, [])) or '(shipped recipe)'} | {p['parameters']:,} | {p['step']} | "
+            f"| {name}{' *' if starred else ''} | {' '.join(POINTS.get(name, [])) or '(shipped recipe)'} | {p['parameters']:,} | {p['step']} | "
             f"{(p['flops'] or 0) / 1e12:.1f} | {p['wall_s'] / 60:.1f} | {p['eval_loss']:.2f} | "
             f"{p['eval_masked_value']:.3f} | {p['eval_mvc']:.2f} | {knn.get('accuracy', float('nan')):.4f} | "
             f"{knn.get('macro_f1', float('nan')):.4f} | {lin.get('accuracy', float('nan')):.4f} | "
             f"{lin.get('macro_f1', float('nan')):.4f} |")
+    if one_fold:
+        lines += ["", "\\* Probe columns of donor 1488's fold alone (the last of the three held-out donors): before "
+                  "2026-12-06 the script read the last fold's row instead of the mean over the donors, and these "
+                  "points' probe folders were not kept, so they could not be re-read (`--reread-probes`). They compare "
+                  "with each other, not with the other rows."]
+        lines += [""] + [f"- On that fold, {name}: kNN {f['atlasformer_zeroshot']['accuracy']:.4f} / "
+                  f"{f['atlasformer_zeroshot']['macro_f1']:.4f}, logistic {f['atlasformer_no_expression']['accuracy']:.4f} / "
+                  f"{f['atlasformer_no_expression']['macro_f1']:.4f} (accuracy / macro-F1)."
+                  for name, p in record["points"].items() if (f := p.get(f"probes_donor_{LEGACY_FOLD}"))]
     lines += ["", f"Command: `python benchmarks/pretraining_curve.py --points {' '.join(record['points'])} "
               "--reuse steps-4000=benchmarks/checkpoints/public-small --wall-s steps-4000=1976` (steps-4000 is the "
               "shipped model's own run; its wall time is from its model card, measured alone). width-128-steps-2000 "
               "was pretrained at 2 threads (`--threads 2`), partly beside other jobs, and probed with "
-              "`--reuse width-128-steps-2000=RUN_DIR --wall-s width-128-steps-2000=1743 --threads 2`", ""]
+              "`--reuse width-128-steps-2000=RUN_DIR --wall-s width-128-steps-2000=1743 --threads 2`. Probe columns "
+              "re-read from the kept probe folders, and steps-4000 probed again from the shipped folder: `python "
+              "benchmarks/pretraining_curve.py --reread-probes --reprobe "
+              "steps-4000=checkpoints/pretrained/atlasformer-public-small`", ""]
     path.write_text("\n".join(lines))
 
 
@@ -149,6 +179,10 @@ def main(argv=None) -> None:
                         help="wall time of a reused run (its own record, e.g. the model card's)")
     parser.add_argument("--refresh", action="store_true",
                         help="recompute the loss and compute columns of stored points from their run folders")
+    parser.add_argument("--reread-probes", action="store_true",
+                        help="read the probe columns of stored points again from their kept probe folders")
+    parser.add_argument("--reprobe", nargs="*", default=[], metavar="POINT=MODEL_DIR",
+                        help="probe stored points again from these model folders (e.g. the shipped one)")
     args = parser.parse_args(argv)
     reused = dict(item.split("=", 1) for item in args.reuse)
     walls = {k: float(v) for k, v in (item.split("=", 1) for item in args.wall_s)}
@@ -158,9 +192,19 @@ def main(argv=None) -> None:
     if args.refresh:
         for point, entry in record["points"].items():
             entry.update(final_metrics(Path(entry.get("run_dir") or reused.get(point) or args.runs / point)))
+    reprobe = dict(item.split("=", 1) for item in args.reprobe)
+    for point, entry in record["points"].items():
+        folder = args.runs / f"{point}-probe"
+        if point in reprobe:
+            probe(Path(reprobe[point]), args.data, folder, args.threads)
+        if point in reprobe or (args.reread_probes and (folder / "results.json").exists()):
+            entry.update(probes=read_probe(folder), probe_scope=PROBE_SCOPE,
+                         **{f"probes_donor_{LEGACY_FOLD}": read_probe(folder, LEGACY_FOLD)})
+    stored_only = args.refresh or args.reread_probes or reprobe
+    if stored_only:
         json_path.write_text(json.dumps(record, indent=2))
         write_markdown(record, args.results.with_suffix(".md"))
-    for point in ([] if args.refresh else args.points):  # --refresh trains nothing
+    for point in ([] if stored_only else args.points):  # --refresh / --reread-probes / --reprobe train nothing
         if point in record["points"]:
             print(f"{point}: already measured, kept")
             continue
@@ -170,7 +214,7 @@ def main(argv=None) -> None:
             wall = pretrain(point, run_dir, args.data, args.threads)
         scores = probe(run_dir / "model", args.data, args.runs / f"{point}-probe", args.threads)
         result = {**final_metrics(run_dir), "run_dir": str(run_dir), "wall_s": wall, "probes": scores,
-                  "parameters": parameter_count(run_dir / "model")}
+                  "probe_scope": PROBE_SCOPE, "parameters": parameter_count(run_dir / "model")}
         print(point, json.dumps(result))
         # read again before writing: another invocation may have added points meanwhile
         record["points"] = {**(json.loads(json_path.read_text())["points"] if json_path.exists() else {}),

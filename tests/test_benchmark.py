@@ -246,3 +246,21 @@ def test_mapping_a_query_file_reports_its_composition(kang_small, tmp_path):
     assert any(r["metric"] == "unknown_fraction" for r in rows)
     method_rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith(("| logreg", "| pca_knn"))]
     assert len(method_rows) == 2 and not any("**" in line for line in method_rows)  # a composition has no "best"
+
+
+def test_pretraining_curve_reads_the_mean_over_held_out_donors_not_the_last_fold(tmp_path):
+    """benchmarks/pretraining_curve.py once read the last donor's row as the probe figure."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pretraining_curve.py"
+    spec = importlib.util.spec_from_file_location("pretraining_curve", path)
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    rows = [{"method": "atlasformer_zeroshot", "metric": "accuracy", "seed": 0, "value": 0.75},
+            *({"method": "atlasformer_zeroshot", "metric": "accuracy", "seed": 0, "value": v, "fold": f}
+              for f, v in [("1015", 0.65), ("1256", 0.78), ("1488", 0.80)])]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    assert curve.read_probe(tmp_path) == {"atlasformer_zeroshot": {"accuracy": 0.75}}
+    assert curve.read_probe(tmp_path, "1488") == {"atlasformer_zeroshot": {"accuracy": 0.80}}
