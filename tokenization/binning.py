@@ -166,18 +166,16 @@ class CountGroups:
 
 
 def binned_tokens(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, column_ids: np.ndarray, *,
-                  target_sum: float, n_bins: int, max_len: int, expressed: np.ndarray | None = None):
+                  target_sum: float, n_bins: int, max_len: int):
     """Binned tokens of CSR count rows in two compiled passes: vocabulary genes only, each cell's ``max_len``
     largest counts (first columns among equal ones), bins as :meth:`CountGroups.bins`.
 
-    ``column_ids`` (genes,) int32 maps columns to token ids (-1: not in the vocabulary; no id twice).
-    ``expressed``, if given, is set True for columns with counts. Returns ``(kept_rows, offsets, gene_ids,
+    ``column_ids`` (genes,) int32 maps columns to token ids (-1: not in the vocabulary; no id twice). Returns ``(kept_rows, offsets, gene_ids,
     bins)``: the rows with counts on vocabulary genes, (kept + 1,) int64 token offsets, (tokens,) int32 ids
     and (tokens,) float32 bins, in column order within a cell.
     """
-    track = expressed is not None
     row_ptr, gene_ids, counts, totals, kept_rows, g_ptr, g_count, g_mult = _vocabulary_entries(
-        indptr.astype(np.int64, copy=False), indices, data, column_ids, expressed if track else np.zeros(0, bool), track)
+        indptr.astype(np.int64, copy=False), indices, data, column_ids)
     groups = CountGroups(row_ptr, counts, g_ptr, g_count, g_mult)
     scale = (totals / np.float32(target_sum)).astype(np.float32)  # (kept,) scanpy's normalize_total factor
     q = np.linspace(0, 1, n_bins - 1)
@@ -321,7 +319,7 @@ def _top_k(row_ptr, counts, g_ptr, g_count, g_mult, k):  # pragma: no cover - co
 
 
 @numba.njit(cache=True, nogil=True)
-def _vocabulary_entries(indptr, indices, data, column_ids, expressed, track):  # pragma: no cover - compiled
+def _vocabulary_entries(indptr, indices, data, column_ids):  # pragma: no cover - compiled
     """Entries on vocabulary genes with non-zero counts, empty cells dropped, and their count groups."""
     n_rows = len(indptr) - 1
     nnz = len(data)
@@ -347,8 +345,6 @@ def _vocabulary_entries(indptr, indices, data, column_ids, expressed, track):  #
             if x == 0:
                 continue
             column = indices[i]
-            if track:
-                expressed[column] = True
             if column_ids[column] >= 0:
                 c = np.int32(np.rint(x))
                 gene_ids[pos] = column_ids[column]

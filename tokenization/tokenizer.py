@@ -401,13 +401,12 @@ class CellTokenizer:
         return overlap
 
     # ---------------------------------------------------------------- encode
-    def encode(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray | None = None, *,
-               expressed: np.ndarray | None = None) -> TokenizedCells:
+    def encode(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray | None = None) -> TokenizedCells:
         """Tokenize a (cells, genes) CSR count matrix whose columns map to ``column_ids`` (-1 = drop).
 
         ``cell_index`` gives each row a global id, used in the subsampling hash and kept in the output.
         Columns sharing an id are summed per cell; cells without counts on known genes are dropped and
-        counted. ``expressed`` (bool per column), if given, is set True in place for columns with counts.
+        counted.
         """
         counts = _canonical_csr(counts)
         if cell_index is None:
@@ -417,14 +416,14 @@ class CellTokenizer:
         if len(column_ids) != counts.shape[1]:
             raise InputError(f"{len(column_ids)} column ids for a matrix of {counts.shape[1]} genes.")
         if self._compiled_path(column_ids):
-            return self._encode_binned_top(counts, column_ids, cell_index, expressed)
+            return self._encode_binned_top(counts, column_ids, cell_index)
         indptr = counts.indptr.astype(np.int64)
         parts = []
         for lo in range(0, counts.shape[0], _MAX_ROWS):  # blocks bound the temporaries; views, no copies
             hi = min(lo + _MAX_ROWS, counts.shape[0])
             start, stop = indptr[lo], indptr[hi]
             block = _Rows(indptr[lo:hi + 1] - start, counts.indices[start:stop], counts.data[start:stop])
-            parts.append(self._encode_block(block, column_ids, cell_index[lo:hi], expressed))
+            parts.append(self._encode_block(block, column_ids, cell_index[lo:hi]))
         return parts[0] if len(parts) == 1 else TokenizedCells.concatenate(parts)
 
     def _compiled_path(self, column_ids: np.ndarray) -> bool:
@@ -435,17 +434,14 @@ class CellTokenizer:
         known = column_ids[column_ids >= 0]
         return len(known) == 0 or np.bincount(known).max() == 1
 
-    def _encode_binned_top(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray,
-                           expressed: np.ndarray | None) -> TokenizedCells:
+    def _encode_binned_top(self, counts: sp.csr_matrix, column_ids: np.ndarray, cell_index: np.ndarray) -> TokenizedCells:
         kept, offsets, gene_ids, bins = binned_tokens(
             counts.indptr, counts.indices, counts.data, column_ids.astype(np.int32, copy=False),
-            target_sum=self.config.target_sum, n_bins=self.config.n_bins, max_len=self.config.max_seq_len,
-            expressed=expressed)
+            target_sum=self.config.target_sum, n_bins=self.config.n_bins, max_len=self.config.max_seq_len)
         return TokenizedCells(offsets, gene_ids, bins, cell_index[kept], n_empty_dropped=counts.shape[0] - len(kept))
 
-    def _encode_block(self, counts: _Rows, column_ids: np.ndarray, cell_index: np.ndarray,
-                      expressed: np.ndarray | None) -> TokenizedCells:
-        entries = self._entries(counts, column_ids, cell_index, expressed)
+    def _encode_block(self, counts: _Rows, column_ids: np.ndarray, cell_index: np.ndarray) -> TokenizedCells:
+        entries = self._entries(counts, column_ids, cell_index)
         values, take = self._values(entries)  # take: None, a keep mask (column order) or indices (rank order)
         lengths = np.minimum(np.diff(entries.row_ptr), self.config.max_seq_len)  # exactly k kept in long cells
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -458,8 +454,7 @@ class CellTokenizer:
             n_empty_dropped=entries.n_empty,
         )
 
-    def _entries(self, counts: _Rows, column_ids: np.ndarray, cell_index: np.ndarray,
-                 expressed: np.ndarray | None = None) -> _Entries:
+    def _entries(self, counts: _Rows, column_ids: np.ndarray, cell_index: np.ndarray) -> _Entries:
         """Entries on vocabulary genes with duplicates merged; empty cells removed."""
         indptr = counts.indptr
         data = counts.data
@@ -472,8 +467,6 @@ class CellTokenizer:
         nonzero = data.all()
         if not nonzero:  # explicit zeros are not expressed genes
             keep = data != 0 if keep is None else keep & (data != 0)
-        if expressed is not None:
-            expressed[columns if nonzero else columns[data != 0]] = True
         known_ids = ids32[ids32 >= 0]
         if len(known_ids) and np.bincount(known_ids).max() > 1:  # two columns of one gene: sum them
             shared = np.isin(ids32, np.flatnonzero(np.bincount(known_ids) > 1))
