@@ -232,7 +232,7 @@ def condition_ids(labels: np.ndarray, keys: list[str]) -> tuple[np.ndarray, list
         return np.zeros(len(labels), dtype=np.int64), []
     names, columns = [], []
     for j, key in enumerate(keys):
-        values = sorted(set(labels[:, j]))
+        values = sorted(set(labels[:, j].tolist()))  # plain str names, for messages and config.json
         columns.append(len(names) + np.searchsorted(np.asarray(values), labels[:, j]))
         names += values if len(keys) == 1 else [f"{key}={v}" for v in values]
     ids = np.stack(columns, axis=1).astype(np.int64)
@@ -251,6 +251,10 @@ def make_model(cfg: PretrainConfig, tokenizer: CellTokenizer, n_conditions: int,
             raise InputError(f"{cfg.init_from} has domains {model.config.domain_names or 'none'} for the batch adversary, "
                              f"the data {domain_names}: continue on the same domains or start from random weights.")
         return model
+    if "batch_adversary" in cfg.objectives and len(domain_names or []) < 2:
+        raise InputError(f"the batch adversary needs at least 2 domains; adversary_key={cfg.adversary_key!r} gives "
+                         f"{list(domain_names or [])}: choose a column that varies across cells (or several input files "
+                         "with source).")
     known = set(CellTransformerConfig().to_dict())
     unknown = set(cfg.model) - known
     if unknown:

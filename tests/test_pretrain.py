@@ -138,3 +138,5 @@ def test_pretraining_with_a_batch_adversary_on_the_input_files(tmp_path, sim_ada
     # an obs column as the domains: the batches, and a file without the column is named
     with pytest.raises(InputError, match=r"\['nope'\] not in obs.*source for the input file"):
         train(PretrainConfig(**{**cfg.__dict__, "output": str(tmp_path / "run2"), "adversary_key": "nope"}))
+    with pytest.raises(InputError, match=r"at least 2 domains; adversary_key='source' gives \['first'\]"):
+        train(PretrainConfig(**{**cfg.__dict__, "data": (str(paths[0]),), "output": str(tmp_path / "run3")}))
