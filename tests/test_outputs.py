@@ -148,3 +148,27 @@ def test_output_files_are_replaced_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.h5ad", "f.png", "metrics.json", "t.csv"]
     assert (tmp_path / "out" / "t.csv").read_text() == "x\n1\n2\n"
     assert (tmp_path / "out" / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_marker_written_by_another_rank_while_checking_is_not_foreign(tmp_path, monkeypatch):
+    """Ranks of a launch check the output folder while rank 0 marks it: a marker that appears between the
+    listing and the ownership check must not make the folder look foreign (it failed a 2-process pretraining)."""
+    from atlasformer.tokenization import outputs
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    listed = type(folder).iterdir
+
+    def list_while_rank_0_marks(self):
+        if self == folder:  # rank 0 writes its marker just as this rank lists the folder
+            (folder / outputs.MARKER).write_text("{}\n")
+        return listed(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(folder), "iterdir", list_while_rank_0_marks)
+        outputs.refuse_foreign_folder(folder)  # the listing holds the marker, which the check then sees: no error
+    assert (folder / outputs.MARKER).is_file()
+    (folder / "notes.txt").write_text("user file\n")
+    (folder / outputs.MARKER).unlink()
+    with pytest.raises(InputError, match="did not write"):  # a user's file without a marker is still refused
+        outputs.refuse_foreign_folder(folder)

@@ -54,10 +54,12 @@ def refuse_foreign_folder(folder: str | os.PathLike, *, overwrite: bool = False,
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: {what} must be a folder, and this is a file; choose a folder path.")
-    if overwrite or not folder.is_dir() or is_ours(folder):
+    if overwrite or not folder.is_dir():
         return
     entries = sorted(p.name for p in folder.iterdir())
-    if entries:
+    # the marker is looked for after listing: another rank of a launch may write it in between, and its folder
+    # (holding only the marker) is then ours, not foreign
+    if entries and not is_ours(folder):
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise InputError(f"{folder}: {what} already holds files atlasformer did not write ({shown}); choose a new or "
                          "empty folder, or pass --overwrite (overwrite=True) to write into it anyway (files of the "
