@@ -90,7 +90,7 @@ def prepare_output_folder(output: str | os.PathLike, inputs: Iterable[str | os.P
     refuse_output_over_inputs([output], inputs)
     refuse_foreign_folder(output, overwrite=overwrite)
     output.mkdir(parents=True, exist_ok=True)
-    if not (output / MARKER).exists():
+    if not (output / MARKER).exists():  # written in place, not renamed: a temporary beside it would look foreign
         (output / MARKER).write_text(json.dumps({"written_by": "atlasformer", "command": command}) + "\n")
     return output
 
