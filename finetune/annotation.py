@@ -156,7 +156,7 @@ class Annotator(FinetunedTask):
                 return batch
 
             self.model, self.validation = fit(model, len(train), make_batch, validate, cfg, description="annotation",
-                                              metric="macro_f1")
+                                              metric="macro_f1", start_is_candidate=cfg.readout == "linear")
             self._val_pairs = validation_pairs(self.model)
         return self.validation
 

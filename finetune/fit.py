@@ -91,6 +91,7 @@ def fit(
     description: str = "finetune",
     metric: str = "score",
     lower_is_better: bool = False,
+    start_is_candidate: bool = False,
     log: Callable[[str], None] = logger.info,
 ) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` on ``n_train`` cells; returns the best model (by validation score) and its metrics.
@@ -105,6 +106,9 @@ def fit(
     metric, lower_is_better
         The name of the metric ``validate``'s score comes from, and whether the score is that metric negated
         (a loss); the console names it: ``validation poisson_nll 1.2759 (lower is better)``.
+    start_is_candidate
+        Validate the model before the first step too, so that training that never beats its starting weights
+        returns them (a head that starts from a closed-form fit: fine-tuning may only improve on it).
     log
         Receives the validation and early-stopping lines (default: the ``atlasformer`` logger).
 
@@ -133,6 +137,19 @@ def fit(
     loss_sum = torch.zeros((), device=engine.device)  # summed on the device, read every LOSS_READ_EVERY steps
     if not engine.is_main:  # every rank validates; one says so
         log = lambda message: None  # noqa: E731
+
+    def validated(step: int) -> tuple[float, dict]:
+        model.eval()
+        with torch.no_grad():
+            score, metrics = validate(engine.unwrap(model))
+        model.train()
+        score = engine.broadcast_from_main(score)  # rank 0 decides: all ranks stop at the same step
+        log(f"step {step}: validation {score_text(score, metric, lower_is_better)}")
+        return score, metrics
+
+    if start_is_candidate:
+        best_score, best_metrics = validated(0)
+        best_state = copy.deepcopy(engine.unwrap(model).state_dict())
     model.train()
     with progress_bar(total, desc=description, unit="step", main_process=engine.is_main) as bar:
         for step in range(1, total + 1):
@@ -151,12 +168,7 @@ def fit(
                 loss_sum.zero_()
             bar.update(1)
             if step % eval_every == 0 or step == total:
-                model.eval()
-                with torch.no_grad():
-                    score, metrics = validate(engine.unwrap(model))
-                model.train()
-                score = engine.broadcast_from_main(score)  # rank 0 decides: all ranks stop at the same step
-                log(f"step {step}: validation {score_text(score, metric, lower_is_better)}")
+                score, metrics = validated(step)
                 if score > best_score:
                     best_score, best_metrics, stale = score, metrics, 0
                     best_state = copy.deepcopy(engine.unwrap(model).state_dict())

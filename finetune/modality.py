@@ -260,7 +260,8 @@ class ModalityPredictor(FinetunedTask):
             protein = self.modality == "protein"  # the score validate returns: -rmse, or the per-peak AUROC
             self.model, self.validation = fit(model, len(train), make_batch, validate, cfg,
                                               description=f"modality ({self.modality})",
-                                              metric="rmse" if protein else "auroc_per_feature", lower_is_better=protein)
+                                              metric="rmse" if protein else "auroc_per_feature", lower_is_better=protein,
+                                              start_is_candidate=cfg.readout == "linear")
             self._plot_data = {"true": y[val], "pred": predictions(self.model, val), "names": names,
                                "baseline": mean_prediction}
         return self.validation

@@ -230,3 +230,17 @@ def test_annotation_calibration_keeps_labels_and_records_its_temperature(tmp_pat
     tasks[True].save(tmp_path / "model")  # the temperature is in the saved weights
     np.testing.assert_allclose(Annotator.load(tmp_path / "model").predict(adata)["confidence"], calibrated["confidence"],
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fine_tuning_from_the_closed_form_fit_validates_that_fit_first(mode, caplog):
+    """mode=full / lora start from the closed-form readout, which is scored before the first step: fine-tuning
+    that never beats it on validation returns it (tests/test_finetune_heads.py checks the fit loop itself)."""
+    adata = simulate_counts(n_cells=200, n_genes=100, n_cell_types=3, n_batches=2, seed=4)
+    cfg = scratch(mode=mode, expression_genes=50, expression_pcs=10, val_fraction=0.25, max_steps=2)
+    with caplog.at_level("INFO", logger="atlasformer"):
+        Annotator(None, cfg, labels_key="cell_type").fit(adata)
+        ModalityPredictor(None, cfg, modality="protein").fit(adata, paired=simulate_proteins(adata, n_proteins=4))
+    messages = [r.getMessage() for r in caplog.records]
+    for metric in ("macro_f1", "rmse"):
+        assert any(f"step 0: validation {metric}" in m for m in messages), caplog.text

@@ -334,3 +334,42 @@ def test_umap_panels_work_beyond_4096_cells(tmp_path):
     emb = rng.normal(size=(4200, 8)).astype(np.float32)
     umap_panels({"emb": emb}, obs, "cell_type", tmp_path / "umap.png")
     assert (tmp_path / "umap.png").stat().st_size > 0
+
+
+def _fit_from_the_validation_optimum(start_is_candidate: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A linear model started at the least-squares fit of the validation cells, then trained on training cells
+    whose targets disagree: every step moves it away from the validation optimum."""
+    from atlasformer.finetune.fit import fit
+
+    gen = torch.Generator().manual_seed(0)
+    x_train, x_val = torch.randn(64, 3, generator=gen), torch.randn(32, 3, generator=gen)
+    w_val = torch.tensor([1.0, -2.0, 0.5])
+    y_train, y_val = x_train @ -w_val, x_val @ w_val
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 1, bias=False)
+            self.head.weight.data.copy_(w_val[None])
+
+        def forward(self, x, y):
+            return type("Output", (), {"loss": torch.nn.functional.mse_loss(self.head(x).squeeze(1), y)})()
+
+    def validate(model):
+        mse = float(model(x_val, y_val).loss)
+        return -mse, {"mse": mse}
+
+    cfg = FinetuneConfig(max_steps=20, eval_every=5, batch_size=16, head_lr=0.05, lr=0.05, cpu=True)
+    model, metrics = fit(Linear(), 64, lambda rows: {"x": x_train[rows], "y": y_train[rows]}, validate, cfg,
+                         metric="mse", lower_is_better=True, start_is_candidate=start_is_candidate)
+    return model, metrics
+
+
+def test_a_closed_form_start_is_kept_when_fine_tuning_never_beats_it_on_validation():
+    """Annotation and modality heads start from their closed-form fit; fine-tuning (mode=full or lora) that only
+    makes validation worse returns that fit instead of the least bad trained weights."""
+    kept, metrics = _fit_from_the_validation_optimum(start_is_candidate=True)
+    np.testing.assert_allclose(kept.head.weight.detach()[0].numpy(), [1.0, -2.0, 0.5], atol=1e-6)
+    assert metrics["mse"] < 1e-10
+    moved, metrics = _fit_from_the_validation_optimum(start_is_candidate=False)
+    assert metrics["mse"] > 0.01  # without it, the best of the trained weights (all worse than the start)
