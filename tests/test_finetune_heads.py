@@ -339,8 +339,6 @@ def test_umap_panels_work_beyond_4096_cells(tmp_path):
 def _fit_from_the_validation_optimum(start_is_candidate: bool) -> tuple[torch.nn.Module, torch.Tensor]:
     """A linear model started at the least-squares fit of the validation cells, then trained on training cells
     whose targets disagree: every step moves it away from the validation optimum."""
-    from atlasformer.finetune.fit import fit
-
     gen = torch.Generator().manual_seed(0)
     x_train, x_val = torch.randn(64, 3, generator=gen), torch.randn(32, 3, generator=gen)
     w_val = torch.tensor([1.0, -2.0, 0.5])
