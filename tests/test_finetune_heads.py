@@ -336,7 +336,7 @@ def test_umap_panels_work_beyond_4096_cells(tmp_path):
     assert (tmp_path / "umap.png").stat().st_size > 0
 
 
-def _fit_from_the_validation_optimum(start_is_candidate: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+def _fit_from_the_validation_optimum(start_is_candidate: bool) -> tuple[torch.nn.Module, dict]:
     """A linear model started at the least-squares fit of the validation cells, then trained on training cells
     whose targets disagree: every step moves it away from the validation optimum."""
     gen = torch.Generator().manual_seed(0)
@@ -371,3 +371,4 @@ def test_a_closed_form_start_is_kept_when_fine_tuning_never_beats_it_on_validati
     assert metrics["mse"] < 1e-10
     moved, metrics = _fit_from_the_validation_optimum(start_is_candidate=False)
     assert metrics["mse"] > 0.01  # without it, the best of the trained weights (all worse than the start)
+    assert not np.allclose(moved.head.weight.detach()[0].numpy(), [1.0, -2.0, 0.5], atol=1e-3)
